@@ -1,0 +1,127 @@
+"""`bigtrain` command line: train, config, tokenizer, shards, submit, convert.
+
+Each subcommand parses its arguments here and calls one function of the package; user mistakes
+(`BigtrainError`) end as one `bigtrain: error: ...` line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import BigtrainError
+
+
+def _train(a):
+    from .config import load_config
+    from .train import train
+    cfg = load_config(a.config, a.overrides)
+    train(cfg)
+
+
+def _config(a):
+    from .config import describe, load_config
+    print("\n".join(describe(load_config(a.config, a.overrides))))
+
+
+def _tokenizer_train(a):
+    from .data.tokenizer import train_tokenizer
+    train_tokenizer(a.input, a.vocab_size, a.output, max_sentences=a.max_sentences)
+
+
+def _shards(a):
+    from .data.shards import write_shards
+    write_shards(tokenizer=a.tokenizer, inputs=a.input, output=a.output, seq_len=a.seq_len, text_key=a.text_key,
+                 samples_per_member=a.samples_per_member, shard_samples=a.shard_samples, workers=a.workers,
+                 append_eos=not a.no_eos)
+
+
+def _submit(a):
+    from .launch.submit import submit
+    submit(a)
+
+
+def _convert_to_hf(a):
+    from .convert.hf import to_hf
+    to_hf(a.src, a.out, tokenizer=a.tokenizer)
+
+
+def _convert_from_hf(a):
+    from .convert.hf import from_hf
+    from_hf(a.src, a.out, gguf_file=a.gguf_file)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bigtrain", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a run: bigtrain train CONFIG [key=value ...]")
+    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("config", help="print the resolved config with every key's documentation")
+    c.add_argument("config", nargs="?", help="YAML config file (defaults only if omitted)")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=_config)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
+    tt = tok.add_parser("train", help="train a sentencepiece BPE tokenizer with byte fallback")
+    tt.add_argument("--input", nargs="+", required=True, help="text files (.txt, .jsonl, .gz; globs allowed)")
+    tt.add_argument("--vocab-size", type=int, required=True)
+    tt.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    tt.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training")
+    tt.set_defaults(func=_tokenizer_train)
+
+    s = sub.add_parser("shards", help="tokenize text into WebDataset shards of packed token sequences")
+    s.add_argument("--tokenizer", required=True, help="sentencepiece .model or HF tokenizer.json")
+    s.add_argument("--input", nargs="+", required=True, help="text files (.txt, .jsonl, .gz; globs allowed)")
+    s.add_argument("--output", required=True, help="output directory (shards + manifest.json)")
+    s.add_argument("--seq-len", type=int, required=True, help="training sequence length (samples hold seq_len+1 ids)")
+    s.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl inputs")
+    s.add_argument("--samples-per-member", type=int, default=64, help="packed samples per tar member")
+    s.add_argument("--shard-samples", type=int, default=8192, help="samples per shard")
+    s.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
+    s.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
+    s.set_defaults(func=_shards)
+
+    sb = sub.add_parser("submit", help="submit a training run to SLURM through submitit")
+    sb.add_argument("config")
+    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("--nodes", type=int, default=1)
+    sb.add_argument("--gpus-per-node", type=int, default=8, help="tasks (one per GPU) per node; on CPU nodes, ranks")
+    sb.add_argument("--cpus-per-task", type=int, default=None)
+    sb.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    sb.add_argument("--partition", default=None)
+    sb.add_argument("--account", default=None)
+    sb.add_argument("--qos", default=None)
+    sb.add_argument("--constraint", default=None)
+    sb.add_argument("--mem", default=None, help="memory per node, e.g. 200G")
+    sb.add_argument("--job-name", default="bigtrain")
+    sb.add_argument("--folder", default=None, help="submitit job folder (default RUN_DIR/slurm)")
+    sb.add_argument("--cpu", action="store_true", help="CPU-only nodes: request no GPUs")
+    sb.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    sb.add_argument("--wait", action="store_true", help="wait for the job and print its final state")
+    sb.set_defaults(func=_submit)
+
+    cv = sub.add_parser("convert", help="convert to and from Hugging Face Llama").add_subparsers(
+        dest="conv_command", required=True)
+    th = cv.add_parser("to-hf", help="bigtrain checkpoint (or run directory) -> HF Llama directory")
+    th.add_argument("src")
+    th.add_argument("out")
+    th.add_argument("--tokenizer", default=None, help="tokenizer to ship (default: the run's data.tokenizer)")
+    th.set_defaults(func=_convert_to_hf)
+    fh = cv.add_parser("from-hf", help="HF Llama directory -> bigtrain checkpoint")
+    fh.add_argument("src")
+    fh.add_argument("out")
+    fh.add_argument("--gguf-file", default=None, help="read weights from this GGUF file inside SRC")
+    fh.set_defaults(func=_convert_from_hf)
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except BigtrainError as e:
+        print(f"bigtrain: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,233 @@
+"""YAML files + dotted `key=value` overrides -> a validated `Config`.
+
+Every mistake is reported before any work starts, as one line naming the key: unknown keys with the
+closest valid one, wrong types with the expected type, values outside a fixed set with the choices.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ..errors import BigtrainError
+from .schema import Config
+
+
+class ConfigError(BigtrainError, ValueError):
+    """A config mistake; its message is one line naming the key and what was expected."""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply `key=value` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    cfg = from_dict(Config, data, "")
+    check(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. train.steps=20)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(options)})"
+
+
+def from_dict(cls, data: Any, prefix: str):
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    where = prefix.rstrip(".") or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            options = [f"{prefix}{k}" for k in fields]
+            raise ConfigError(f"unknown config key '{full}'{_suggest(full, options)}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(tp, value, key):
+    origin = get_origin(tp)
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(tp) if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': expected one of {'|'.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and "path" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"path": value}  # shorthand: a source given by its path alone
+        return from_dict(tp, value, f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-2' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise bad
+
+
+def check(cfg: Config) -> None:
+    """Checks that need no knowledge of the machine (world-size checks happen at start-up)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    for key, v in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
+                   ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
+                   ("model.vocab_size", m.vocab_size), ("train.micro_batch_size", t.micro_batch_size),
+                   ("train.global_batch_size", t.global_batch_size), ("parallel.tensor", p.tensor),
+                   ("parallel.pipeline", p.pipeline), ("train.log_interval", t.log_interval)]:
+        need(v >= 1, f"config key '{key}': expected a positive integer, got {v}")
+    need(t.steps >= 0, f"config key 'train.steps': expected >= 0, got {t.steps}")
+    need(m.hidden_size % m.num_attention_heads == 0,
+         f"config key 'model.hidden_size': {m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    kv = m.num_kv_heads or m.num_attention_heads
+    need(m.num_kv_heads >= 0 and m.num_attention_heads % kv == 0,
+         f"config key 'model.num_kv_heads': {m.num_kv_heads} must divide model.num_attention_heads={m.num_attention_heads}")
+    need(0 <= p.zero_stage <= 3, f"config key 'parallel.zero_stage': expected 0, 1, 2 or 3, got {p.zero_stage}")
+    need(t.global_batch_size % t.micro_batch_size == 0,
+         f"config key 'train.global_batch_size': {t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    need(m.num_attention_heads % p.tensor == 0 and kv % p.tensor == 0,
+         f"config key 'parallel.tensor': {p.tensor} must divide the query heads ({m.num_attention_heads}) and KV heads ({kv})")
+    need(m.num_layers % p.pipeline == 0,
+         f"config key 'parallel.pipeline': {p.pipeline} must divide model.num_layers={m.num_layers}")
+    need(not p.sequence_parallel or p.tensor > 1,
+         "config key 'parallel.sequence_parallel': needs parallel.tensor > 1")
+    need(not p.sequence_parallel or m.seq_length % p.tensor == 0,
+         f"config key 'parallel.sequence_parallel': model.seq_length={m.seq_length} must be a multiple of parallel.tensor={p.tensor}")
+    need(t.grad_clip >= 0, f"config key 'train.grad_clip': expected >= 0, got {t.grad_clip}")
+    need(cfg.checkpoint.keep >= 1, f"config key 'checkpoint.keep': expected >= 1, got {cfg.checkpoint.keep}")
+    need(0 <= cfg.data.max_skip_fraction <= 1,
+         f"config key 'data.max_skip_fraction': expected a fraction in [0, 1], got {cfg.data.max_skip_fraction}")
+    for i, s in enumerate(cfg.data.sources):
+        need(s.path, f"config key 'data.sources[{i}].path': expected a path, got nothing")
+        need(s.weight > 0, f"config key 'data.sources[{i}].weight': expected > 0, got {s.weight}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstrings under each field of dataclass `cls` (read from its source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def describe(cfg, prefix: str = "") -> list[str]:
+    """`key = value  # doc` lines for the whole tree (what `bigtrain config` prints)."""
+    lines = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        doc = " ".join(docs.get(f.name, "").split())
+        if dataclasses.is_dataclass(value):
+            lines.append(f"# {key}: {doc}")
+            lines += describe(value, key + ".")
+        else:
+            shown = [dataclasses.asdict(v) for v in value] if isinstance(value, list) else value
+            lines.append(f"{key} = {shown!r}    # {doc}")
+    return lines
+
+
+def dump(cfg: Config, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,209 @@
+"""The one typed config tree. Each field's docstring (the string under it) is its documentation:
+`bigtrain config` prints them next to the resolved values.
+
+YAML files in `configs/` fill this tree; `key=value` overrides on the command line (dotted keys,
+YAML values) are applied on top. See `bigtrain.config.load`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: checkpoints, TensorBoard events, metrics.jsonl, the resolved config."""
+    name: str = ""
+    """Free-form run name shown in logs (defaults to the run directory's basename)."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    """Vocabulary size of the tokenizer (the embedding is padded to a multiple of
+    `vocab_pad_multiple` x tensor-parallel size; padded logits are never trained on)."""
+    vocab_pad_multiple: int = 64
+    """The embedding's row count is padded up to a multiple of this times `parallel.tensor`."""
+    hidden_size: int = 256
+    """Model width d."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_attention_heads: int = 8
+    """Query heads."""
+    num_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means as many as query heads (plain MHA)."""
+    ffn_hidden_size: int = 0
+    """SwiGLU inner size; 0 means Llama's rule: 2/3 of 4d rounded up to a multiple of `ffn_multiple_of`."""
+    ffn_multiple_of: int = 256
+    """Rounding for the automatic `ffn_hidden_size`."""
+    seq_length: int = 256
+    """Training sequence length (tokens per sample, labels excluded)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of every weight matrix and the embedding."""
+    scaled_init_output_layers: bool = True
+    """Scale the init std of each block's two output projections by 1/sqrt(2 * num_layers) (GPT-2 / Megatron)."""
+    hidden_dropout: float = 0.0
+    """Dropout on residual branches."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    attention: Literal["sdpa", "unfused"] = "sdpa"
+    """Core attention: torch scaled_dot_product_attention (flash / cuDNN kernels on GPU) or
+    megatron's unfused reference implementation (materialises the score matrix: small models only)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to train for (the run ends, with a checkpoint, when this many are done)."""
+    seed: int = 1234
+    """Seed for model init, dropout and the data order."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """Parameter/activation precision. bf16 keeps fp32 master weights and optimizer state in the engine."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 32
+    """Samples per optimizer step over all data-parallel ranks; a multiple of micro_batch_size x DP size.
+    The quotient is the number of microbatches (gradient accumulation / pipeline microbatches)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to `lr`."""
+    decay_steps: int = 0
+    """Steps of cosine decay after warmup; 0 means until `steps`."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (applied to matrices and embeddings, not to norm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    log_interval: int = 1
+    """Print a console line every this many steps (metrics.jsonl and TensorBoard get every step)."""
+    eval_interval: int = 0
+    """Evaluate on `data.validation` every this many steps; 0 disables evaluation."""
+    eval_batches: int = 4
+    """Global batches per evaluation."""
+    peak_tflops: float = 989.0
+    """Dense peak TFLOP/s per device in the training precision, the denominator of MFU
+    (989 = H100 SXM bf16). On CPU the reported MFU is not meaningful."""
+    compile: bool = False
+    """torch.compile each transformer layer (GPU)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (megatron-core)."""
+    pipeline: int = 1
+    """Pipeline-parallel size (megatron-core 1F1B schedule; microbatches from the global batch)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor > 1): norms and dropout run on sequence shards."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3. Supported with pipeline > 1: 0, 1, and 2 with untied embeddings."""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in backward: `selective` recomputes core attention only,
+    `full` recomputes every transformer layer."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = NCCL when a GPU is present, gloo otherwise."""
+    timeout_minutes: float = 30.0
+    """Collective timeout before a hung rank is reported."""
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    """Shards of one dataset: a directory holding `manifest.json`, a brace-expanded URL list
+    (`/data/x-{000000..000099}.tar`) or a `pipe:` command with braces."""
+    weight: float = 1.0
+    """Relative sampling weight of this source in the blend."""
+    name: str = ""
+    """Name shown in logs and in the checkpointed loader state (defaults to the path's basename)."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    """Training sources blended by weight (`data.sources=[{path: DIR, weight: 1}]`)."""
+    validation: str = ""
+    """Held-out shards for evaluation (same forms as a source path); empty = no evaluation data."""
+    tokenizer: str = ""
+    """Tokenizer: a sentencepiece `.model` file or an HF `tokenizer.json`. Checked against the shards' manifest."""
+    lanes: int = 0
+    """Independent read streams the global sample order is striped over; 0 = as many as the source with the
+    fewest shards allows, at most 64. Fixed for the life of a run (stored in checkpoints): data-parallel
+    sizes that divide it read disjoint shards."""
+    max_skip_fraction: float = 0.01
+    """Stop the run when the fraction of corrupt or unreadable members skipped so far exceeds this."""
+    num_workers: int = 0
+    """Background loader processes per rank (0 = read in the training process)."""
+    text_key: str = "text"
+    """JSON field holding the text in `.jsonl` inputs (for `bigtrain shards`)."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save every this many steps (0 = only at the end and on request)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints in `run.dir/checkpoints`; older ones are deleted."""
+    load: str = ""
+    """Start from this checkpoint (a checkpoint directory or a run directory) instead of the
+    run directory's own latest. Model weights only are taken when `load_optimizer` is false."""
+    load_optimizer: bool = True
+    """With `load`: also restore optimizer, step, LR schedule and data position (a true resume)."""
+    async_save: bool = True
+    """Write checkpoints in the background after a short in-memory snapshot."""
+
+
+@dataclass
+class LaunchConfig:
+    max_requeues: int = 20
+    """Most times a SLURM job requeues itself after a preemption or time limit."""
+    signal_seconds: int = 120
+    """Seconds before the time limit SLURM sends the checkpoint signal (`--signal=USR1@N`)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run lives."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The Llama-style GPT."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and the step loop."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data, tensor, pipeline parallelism and ZeRO."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Token shards, blending and the tokenizer."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Sharded checkpoints and resume."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """SLURM requeue behaviour."""
+
+
+def kv_heads(m: ModelConfig) -> int:
+    return m.num_kv_heads or m.num_attention_heads
+
+
+def ffn_size(m: ModelConfig) -> int:
+    if m.ffn_hidden_size:
+        return m.ffn_hidden_size
+    inner = int(2 * 4 * m.hidden_size / 3)
+    return m.ffn_multiple_of * ((inner + m.ffn_multiple_of - 1) // m.ffn_multiple_of)
+
+
+def padded_vocab(m: ModelConfig, tensor: int) -> int:
+    mult = m.vocab_pad_multiple * tensor
+    return mult * ((m.vocab_size + mult - 1) // mult)

@@ -1,0 +1,168 @@
+"""The DeepSpeed engine around a megatron-core model, applied from outside the model.
+
+- `check_layout` refuses, before any work, the parallel combinations that are not known to be exact.
+- `MegatronMPU` tells DeepSpeed megatron's process groups. Without it DeepSpeed treats tensor-parallel
+  ranks as data-parallel ones and trains silently wrong; with pipeline parallelism its "model parallel"
+  group must span TP x PP so gradient norms cover every stage.
+- `build_engine` makes the AdamW optimizer (no decay on norms), the DeepSpeed config (ZeRO stage, bf16,
+  clipping) and the engine. Gradient accumulation is owned by bigtrain: megatron's schedules run the
+  microbatches, DeepSpeed runs in unmanaged-accumulation mode and reduces/steps once per `engine.step()`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from ..config import Config, ConfigError, padded_vocab
+
+
+def dp_size(cfg: Config, world: int) -> int:
+    return world // (cfg.parallel.tensor * cfg.parallel.pipeline)
+
+
+def check_layout(cfg: Config, world: int) -> None:
+    """Refuse layouts that don't fit the world size or aren't supported, naming the combination."""
+    p, t = cfg.parallel, cfg.train
+    mp = p.tensor * p.pipeline
+    if world % mp:
+        raise ConfigError(f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} = {mp} does not divide "
+                          f"the {world} ranks of this job")
+    dp = world // mp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+    if padded_vocab(cfg.model, p.tensor) % p.tensor:
+        raise ConfigError(f"config key 'model.vocab_pad_multiple': the padded vocabulary "
+                          f"{padded_vocab(cfg.model, p.tensor)} must be divisible by parallel.tensor={p.tensor}")
+    if p.pipeline > 1 and p.zero_stage == 3:
+        raise ConfigError("unsupported: parallel.zero_stage=3 with parallel.pipeline > 1 (DeepSpeed ZeRO-3 "
+                          "cannot gather parameters across megatron's pipeline schedule); use zero_stage 0-2 with "
+                          "pipeline parallelism, or zero_stage=3 with tensor/data parallelism")
+    if p.pipeline > 1 and p.zero_stage == 2 and cfg.model.tie_embeddings:
+        raise ConfigError("unsupported: parallel.zero_stage=2 with parallel.pipeline > 1 and "
+                          "model.tie_embeddings=true (the two stages' copies of the embedding cannot be "
+                          "reduced once ZeRO-2 has partitioned their gradients); use zero_stage 0/1 or untied embeddings")
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu` interface over megatron's parallel_state. 'Model parallel' is TP x PP."""
+
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank():
+        return dist.get_rank(group=ps.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size():
+        return dist.get_world_size(group=ps.get_model_parallel_group())
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict:
+    t, p = cfg.train, cfg.parallel
+    zero = {"stage": p.zero_stage}
+    if p.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, reduce_bucket_size=50_000_000,
+                    allgather_bucket_size=50_000_000, overlap_comm=p.zero_stage == 2 and torch.cuda.is_available())
+    if p.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50_000_000)
+    return {
+        # bigtrain runs the microbatches itself (megatron schedules) and calls engine.step() once per
+        # global batch: DeepSpeed sees one "micro batch" per step and must not scale or count gradients.
+        "train_micro_batch_size_per_gpu": t.global_batch_size // dp,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        # fp32 ZeRO-0 clips through `_install_fp32_clip`, which DeepSpeed only calls when this is > 0
+        "gradient_clipping": t.grad_clip if p.zero_stage or t.precision == "bf16" else 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "data_types": {"grad_accum_dtype": "fp32"} if t.precision == "bf16" and p.zero_stage in (1, 2) else {},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                             eps=t.adam_eps, fused=fused, foreach=None if fused else True)
+
+
+def grad_norm(params) -> float:
+    """Global L2 norm of the gradients of this rank's `params`, each counted once over TP x PP x DP:
+    TP-sharded tensors on every TP rank, replicated ones on TP rank 0, the last stage's copy of a tied
+    embedding not at all. Gradients must already be averaged over data-parallel ranks."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    sq = torch.zeros((), dtype=torch.float64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            sq += p.grad.detach().double().square().sum()
+    dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    return sq.sqrt().item()
+
+
+def _install_fp32_clip(engine, cfg: Config) -> None:
+    """ZeRO-0 in fp32 has no DeepSpeed optimizer wrapper; DeepSpeed's own clip for it neither counts
+    pipeline stages other than the first nor skips the tied embedding's second copy. Replace it with
+    `grad_norm` (DeepSpeed calls it after the data-parallel all-reduce) and record the norm."""
+
+    def clip():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = grad_norm(params)
+        engine._global_grad_norm = norm
+        if cfg.train.grad_clip > 0 and norm > cfg.train.grad_clip:
+            coef = cfg.train.grad_clip / (norm + 1e-6)
+            for p in params:
+                p.grad.mul_(coef)
+
+    engine.clip_fp32_gradients = clip
+
+
+def uses_zero_optimizer(engine) -> bool:
+    """True when DeepSpeed wraps the optimizer (ZeRO 1-3, or bf16): then forwards go through the engine
+    so its gradient hooks see every backward; with plain fp32 ZeRO-0 they go to the bare module."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    return isinstance(engine.optimizer, ZeROOptimizer)
+
+
+def build_engine(model: torch.nn.Module, cfg: Config):
+    """Wrap this rank's model in a DeepSpeed engine; returns the engine."""
+    import deepspeed
+
+    dp = ps.get_data_parallel_world_size()
+    if cfg.model.tie_embeddings and cfg.parallel.pipeline > 1 and ps.is_pipeline_last_stage():
+        # the last stage's copy of the tied embedding: count it once in the global gradient norm
+        model.output_layer.weight.ds_pipe_replicated = True
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                           config=deepspeed_config(cfg, dp), mpu=MegatronMPU,
+                                           dist_init_required=False)
+    if not uses_zero_optimizer(engine):
+        _install_fp32_clip(engine, cfg)
+    return engine
