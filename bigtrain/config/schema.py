@@ -21,10 +21,11 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
-    """Vocabulary size of the tokenizer (the embedding is padded to a multiple of
-    `vocab_pad_multiple` x tensor-parallel size; padded logits are never trained on)."""
-    vocab_pad_multiple: int = 64
-    """The embedding's row count is padded up to a multiple of this times `parallel.tensor`."""
+    """Vocabulary size of the tokenizer. The embedding has `vocab_pad_multiple`-rounded rows; the extra
+    rows are never a target and are dropped on export to Hugging Face."""
+    vocab_pad_multiple: int = 128
+    """The embedding's row count is padded up to a multiple of this (independent of the parallel layout,
+    so checkpoints move between layouts; it must be divisible by `parallel.tensor`)."""
     hidden_size: int = 256
     """Model width d."""
     num_layers: int = 4
@@ -204,6 +205,6 @@ def ffn_size(m: ModelConfig) -> int:
     return m.ffn_multiple_of * ((inner + m.ffn_multiple_of - 1) // m.ffn_multiple_of)
 
 
-def padded_vocab(m: ModelConfig, tensor: int) -> int:
-    mult = m.vocab_pad_multiple * tensor
+def padded_vocab(m: ModelConfig) -> int:
+    mult = m.vocab_pad_multiple
     return mult * ((m.vocab_size + mult - 1) // mult)

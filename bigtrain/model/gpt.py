@@ -7,7 +7,7 @@ Everything here is model: it knows about tensor/sequence/pipeline parallelism on
 `build_model(cfg)` returns this rank's `GPTModel` (one pipeline stage) with a layout-independent
 initialisation: every parameter is drawn as the full, unsharded tensor from a generator seeded by
 (train.seed, the parameter's global name), then sliced to this rank. The same seed therefore gives the same
-network on one process and on any TP x PP layout.
+network on one process and on any TP x PP layout (see layout.py).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from ..config import Config, ffn_size, kv_heads, padded_vocab
+from .layout import param_maps, shard_of
 
 
 class RMSNorm(torch.nn.Module):
@@ -147,7 +147,7 @@ def build_model(cfg: Config) -> GPTModel:
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=block,
-        vocab_size=padded_vocab(cfg.model, cfg.parallel.tensor),
+        vocab_size=padded_vocab(cfg.model),
         max_sequence_length=cfg.model.seq_length,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
@@ -162,54 +162,24 @@ def build_model(cfg: Config) -> GPTModel:
 
 # --- layout-independent initialisation -------------------------------------------------------------
 
-def global_name(local_name: str, layer_offset: int, tied: bool) -> str:
-    """The parameter's name in the unsharded, unpipelined model (layer numbers made global; the last
-    stage's copy of a tied embedding named after the embedding)."""
-    parts = local_name.split(".")
-    if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
-        parts[2] = str(int(parts[2]) + layer_offset)
-    name = ".".join(parts)
-    if tied and name == "output_layer.weight":
-        name = "embedding.word_embeddings.weight"
-    return name
-
-
-def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This TP rank's slice of `full` for `param`, following megatron's partition_dim / partition_stride
-    (stride 2 = SwiGLU's fc1, whose rows are [gate; up] and each rank holds [gate_r; up_r])."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    pieces = full.chunk(tp * stride, dim=dim)
-    return torch.cat([pieces[rank + i * tp] for i in range(stride)], dim=dim)
-
-
-def full_shape(param: torch.Tensor) -> list[int]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= ps.get_tensor_model_parallel_world_size()
-    return shape
-
-
 def _seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 @torch.no_grad()
 def initialize(model: GPTModel, cfg: Config) -> None:
+    """Draw every parameter as its full tensor from a generator seeded by (seed, global name), keep this
+    rank's pieces: the same network for any TP x PP layout."""
     m = cfg.model
-    offset = get_transformer_layer_offset(model.config)
     out_std = m.init_std / math.sqrt(2 * m.num_layers) if m.scaled_init_output_layers else m.init_std
-    for local, p in model.named_parameters():
-        name = global_name(local, offset, m.tie_embeddings)
-        if name.endswith("layernorm.weight") or name.endswith("final_layernorm.weight"):
+    for pm in param_maps(model, m.tie_embeddings):
+        p, name = pm.param, pm.global_name
+        if name.endswith("layernorm.weight"):
             p.fill_(1.0)
-            continue
-        if p.ndim == 1:
+        elif p.ndim == 1:
             p.zero_()
-            continue
-        std = out_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else m.init_std
-        gen = torch.Generator(device=p.device).manual_seed(_seed(cfg.train.seed, name))
-        full = torch.empty(full_shape(p), dtype=torch.float32, device=p.device).normal_(0.0, std, generator=gen)
-        p.copy_(shard_of(full, p))
+        else:
+            std = out_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else m.init_std
+            gen = torch.Generator(device=p.device).manual_seed(_seed(cfg.train.seed, name))
+            full = torch.empty(pm.full_shape, dtype=torch.float32, device=p.device).normal_(0.0, std, generator=gen)
+            p.copy_(shard_of(full, pm))

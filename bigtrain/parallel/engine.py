@@ -32,9 +32,12 @@ def check_layout(cfg: Config, world: int) -> None:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
-    if padded_vocab(cfg.model, p.tensor) % p.tensor:
+    if padded_vocab(cfg.model) % p.tensor:
         raise ConfigError(f"config key 'model.vocab_pad_multiple': the padded vocabulary "
-                          f"{padded_vocab(cfg.model, p.tensor)} must be divisible by parallel.tensor={p.tensor}")
+                          f"{padded_vocab(cfg.model)} must be divisible by parallel.tensor={p.tensor}")
+    if p.zero_stage == 0 and t.precision == "bf16":
+        raise ConfigError("unsupported: parallel.zero_stage=0 with train.precision=bf16 (DeepSpeed would accumulate "
+                          "gradients in bf16); use zero_stage=1, which keeps fp32 gradients and costs nothing extra")
     if p.pipeline > 1 and p.zero_stage == 3:
         raise ConfigError("unsupported: parallel.zero_stage=3 with parallel.pipeline > 1 (DeepSpeed ZeRO-3 "
                           "cannot gather parameters across megatron's pipeline schedule); use zero_stage 0-2 with "

@@ -93,9 +93,13 @@ def sync_tied_embedding_grads(model: torch.nn.Module, cfg: Config) -> None:
 
 
 def _grad_of(param):
-    # DeepSpeed ZeRO-1/2 with fp32 gradient accumulation keeps the accumulated grad in `grad_accum`
-    g = getattr(param, "grad_accum", None)
-    return g if g is not None else param.grad
+    """The locally accumulated (not yet data-parallel-reduced) gradient of `param`: DeepSpeed's bf16
+    optimizer keeps it in fp32 in `_hp_grad`, ZeRO-1/2 with fp32 accumulation in `grad_accum`."""
+    for attr in ("_hp_grad", "grad_accum", "grad"):
+        g = getattr(param, attr, None)
+        if g is not None:
+            return g
+    raise RuntimeError("tied embedding has no gradient to synchronise")
 
 
 def train_step(engine, batch: torch.Tensor, cfg: Config) -> tuple[float, float]:

@@ -1,0 +1,287 @@
+"""Saving and restoring runs: atomic, asynchronous, resharding on load.
+
+save(step): every rank snapshots what it owns (fp32 master weights and AdamW moments of its parameters,
+DP-deduplicated; its RNG states) into host memory -- the only time training waits -- and a background
+thread writes it into `checkpoints/.tmp-step-N/`. Rank 0's thread waits until every rank's index file
+is there, writes meta.json, renames the directory to `step-N`, then rewrites `latest` and deletes
+checkpoints beyond `checkpoint.keep`. A crash at any moment leaves either the previous checkpoints or
+the new complete one; an I/O error (a full disk) abandons the new one and says so.
+
+restore(): the newest complete checkpoint of the run directory (skipping torn ones, with a message),
+else `checkpoint.load`, loaded into whatever layout this run has.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from safetensors.torch import save_file
+
+from ..config import Config, to_dict
+from ..model.layout import ParamMap, param_maps
+from . import state as S
+from .store import (FORMAT, CheckpointError, Reader, fsync_dir, fsync_file, list_steps, resolve, step_dir_name,
+                    validate, write_json)
+
+log = logging.getLogger("bigtrain")
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, engine, data):
+        self.cfg, self.engine, self.data = cfg, engine, data
+        self.root = os.path.join(cfg.run.dir, "checkpoints")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.maps: list[ParamMap] = param_maps(engine.module, cfg.model.tie_embeddings)
+        self.layout = dict(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, data=self.dp_size,
+                           world=self.world, zero_stage=cfg.parallel.zero_stage)
+        self._latest: int | None = None
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self._pinned: dict[str, torch.Tensor] = {}
+        self.stats: list[dict] = []  # per save: stall seconds, bytes written, write seconds (tools/bench_ckpt.py)
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            for stale in glob.glob(os.path.join(self.root, ".tmp-step-*")):
+                log.warning(f"removing {stale}: a checkpoint whose save never completed")
+                shutil.rmtree(stale, ignore_errors=True)
+        dist.barrier()
+
+    def latest_step(self) -> int | None:
+        return self._latest
+
+    # --- restore ---------------------------------------------------------------------------------------
+
+    def _newest_good(self) -> str | None:
+        for step in list_steps(self.root):
+            path = os.path.join(self.root, step_dir_name(step))
+            try:
+                validate(path)
+                return path
+            except CheckpointError as e:
+                if self.rank == 0:
+                    log.warning(f"skipping checkpoint {path}: {e}; falling back to the previous one")
+        return None
+
+    def restore(self) -> int:
+        """Load the checkpoint to continue from; returns the step to continue at (0 = fresh start)."""
+        choice = [None, False]
+        if self.rank == 0:
+            own = self._newest_good()
+            if own:
+                choice = [own, True]
+            elif self.cfg.checkpoint.load:
+                choice = [resolve(self.cfg.checkpoint.load), self.cfg.checkpoint.load_optimizer]
+        dist.broadcast_object_list(choice, src=0)
+        path, resume = choice
+        if path is None:
+            return 0
+        reader = Reader(path)
+        meta = reader.meta
+        for m in self.maps:
+            if reader.shapes.get(m.global_name) != m.full_shape:
+                raise CheckpointError(f"{path}: tensor {m.global_name} has shape {reader.shapes.get(m.global_name)} "
+                                      f"in the checkpoint, the model configured here expects {list(m.full_shape)}")
+        for m in self.maps:
+            S.set_weights(self.engine, m, self._read_local(reader, "model", m))
+        step = 0
+        if resume:
+            step = meta["step"]
+            if meta.get("optimizer_step") is not None:
+                S.init_moments(self.engine)
+                for m in self.maps:
+                    S.set_moments(self.engine, m, {k: self._read_local(reader, k, m) for k in S.MOMENTS})
+                S.set_optimizer_step(self.engine, meta["optimizer_step"])
+            if meta.get("data") is not None:
+                self.data.load_state_dict(meta["data"])
+            self._restore_rng(path, meta)
+        reader.close()
+        self._latest = step if resume else None
+        log.info(f"restored {path} (saved on layout {meta['layout']}): "
+                 + (f"resuming at step {step}" if resume else "weights only, starting at step 0"))
+        return step
+
+    @staticmethod
+    def _read_local(reader: Reader, kind: str, m: ParamMap) -> torch.Tensor:
+        out = torch.empty(m.param.shape, dtype=torch.float32)
+        for pc in m.pieces:
+            out[pc.local] = reader.read(kind, m.global_name, pc.offsets, pc.shape)
+        return out
+
+    def _restore_rng(self, path: str, meta: dict) -> None:
+        if meta["layout"] != self.layout:
+            log.info("different parallel layout: RNG states re-seeded from train.seed instead of restored")
+            return
+        from safetensors.torch import load_file
+        rng = load_file(os.path.join(path, f"rng-{self.rank:05d}.safetensors"))
+        torch.set_rng_state(rng.pop("cpu"))
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng.pop("cuda"))
+        tensor_parallel.get_cuda_rng_tracker().set_states({k.split("/", 1)[1]: v for k, v in rng.items()})
+
+    # --- save --------------------------------------------------------------------------------------------
+
+    def save(self, step: int, reason: str) -> None:
+        """Snapshot now, write in the background (or now, with checkpoint.async_save=false)."""
+        if step == self._latest:
+            return
+        self.wait()
+        t0 = time.perf_counter()
+        with_moments = S.optimizer_step(self.engine) is not None
+        tensors, pieces, shapes = {}, [], {}
+        fname = f"rank-{self.rank:05d}.safetensors"
+        for j, m in enumerate(self.maps):
+            full = S.full_tensors(self.engine, m, with_moments)  # collective over DP under ZeRO
+            if not (m.owner and j % self.dp_size == self.dp_rank):
+                continue
+            shapes[m.global_name] = list(m.full_shape)
+            for kind, t in full.items():
+                for i, pc in enumerate(m.pieces):
+                    key = f"{kind}/{m.global_name}/{i}"
+                    tensors[key] = self._to_host(key, t[pc.local])
+                    pieces.append(dict(kind=kind, name=m.global_name, key=key, file=fname,
+                                       offsets=list(pc.offsets), shape=list(pc.shape)))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        meta = None
+        data_state = self.data.state_dict()  # collective over DP
+        if self.rank == 0:
+            meta = dict(format=FORMAT, step=step, reason=reason, time=time.time(), layout=self.layout,
+                        optimizer_step=S.optimizer_step(self.engine), data=data_state, config=to_dict(self.cfg))
+        stall = time.perf_counter() - t0
+        tmp = os.path.join(self.root, ".tmp-" + step_dir_name(step))
+        os.makedirs(tmp, exist_ok=True)
+        self._latest = step
+        self._error = None
+        stats = dict(step=step, reason=reason, stall_s=stall, bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+        self.stats.append(stats)
+        self._thread = threading.Thread(target=self._write, name=f"ckpt-{step}", daemon=False,
+                                        args=(tmp, step, tensors, pieces, shapes, self._rng_tensors(), meta, stats))
+        self._thread.start()
+        if not self.cfg.checkpoint.async_save:
+            self.close(raise_on_error=False)
+
+    def _to_host(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t.detach().to(torch.float32, copy=True).contiguous()
+        buf = self._pinned.get(key)
+        if buf is None or buf.shape != t.shape:
+            buf = self._pinned[key] = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        return buf
+
+    @staticmethod
+    def _rng_tensors() -> dict[str, torch.Tensor]:
+        out = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            out["cuda"] = torch.cuda.get_rng_state()
+        for name, st in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+            out[f"tracker/{name}"] = st
+        return out
+
+    def _write(self, tmp, step, tensors, pieces, shapes, rng, meta, stats) -> None:
+        t0 = time.perf_counter()
+        try:
+            files = {}
+            for name, content in ((f"rank-{self.rank:05d}.safetensors", tensors),
+                                  (f"rng-{self.rank:05d}.safetensors", rng)):
+                path = os.path.join(tmp, name)
+                save_file(content, path + ".part")
+                fsync_file(path + ".part")
+                os.replace(path + ".part", path)
+                files[name] = os.path.getsize(path)
+            write_json(os.path.join(tmp, f"index-{self.rank:05d}.json"), dict(files=files, pieces=pieces, tensors=shapes))
+            if self.rank == 0:
+                self._commit(tmp, step, meta)
+            stats["write_s"] = time.perf_counter() - t0
+        except Exception as e:  # I/O errors, a full disk: the previous checkpoints stay as they are
+            self._error = f"checkpoint for step {step} was not saved: {type(e).__name__}: {e}"
+            log.error(self._error + f"; the previous checkpoint ({self._previous(step)}) is intact")
+            try:
+                with open(os.path.join(tmp, f"error-{self.rank:05d}.txt"), "w") as f:
+                    f.write(self._error)
+            except OSError:
+                pass
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _previous(self, step: int) -> str:
+        older = [s for s in list_steps(self.root) if s < step]
+        return step_dir_name(older[0]) if older else "none"
+
+    def _commit(self, tmp: str, step: int, meta: dict) -> None:
+        deadline = time.monotonic() + 60 * self.cfg.parallel.timeout_minutes
+        indexes = [os.path.join(tmp, f"index-{r:05d}.json") for r in range(self.world)]
+        while not all(os.path.exists(p) for p in indexes):
+            errors = glob.glob(os.path.join(tmp, "error-*.txt"))
+            if errors:
+                with open(errors[0]) as f:
+                    raise OSError(f"rank {errors[0][-9:-4]} failed: {f.read()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {[r for r, p in enumerate(indexes) if not os.path.exists(p)]} never finished")
+            time.sleep(0.05)
+        import json
+        meta.update(files={}, pieces=[], tensors={})
+        for p in indexes:
+            with open(p) as f:
+                idx = json.load(f)
+            meta["files"].update(idx["files"])
+            meta["pieces"] += idx["pieces"]
+            meta["tensors"].update(idx["tensors"])
+        write_json(os.path.join(tmp, "meta.json"), meta)
+        fsync_dir(tmp)
+        final = os.path.join(self.root, step_dir_name(step))
+        if os.path.exists(final):  # a torn directory of the same step from an earlier crash
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        with open(os.path.join(self.root, "latest.tmp"), "w") as f:
+            f.write(step_dir_name(step) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
+        fsync_dir(self.root)
+        self._prune(step)
+
+    def _prune(self, newest: int) -> None:
+        kept = 0
+        for step in list_steps(self.root):
+            path = os.path.join(self.root, step_dir_name(step))
+            if step > newest:
+                continue
+            try:
+                validate(path)
+                good = True
+            except CheckpointError:
+                good = False
+            if good and kept < self.cfg.checkpoint.keep:
+                kept += 1
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+    # --- waiting -----------------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Wait for this rank's background write (and, on rank 0, the commit) to finish."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self, raise_on_error: bool = True) -> None:
+        """Collective: wait until the last checkpoint is committed (or has failed) on every rank."""
+        self.wait()
+        status = [self._error]
+        dist.broadcast_object_list(status, src=0)
+        error = self._error or status[0]
+        if error:
+            self._latest = None
+            if raise_on_error:
+                raise CheckpointError(error)

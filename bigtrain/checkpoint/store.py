@@ -1,0 +1,166 @@
+"""The on-disk checkpoint format: tensor-only, layout-independent, read back on any layout.
+
+    RUN/checkpoints/step-00000100/
+        meta.json                 step, resolved config, data-loader state, saved layout, tensor index, file sizes
+        rank-00003.safetensors    the pieces of full tensors that rank 3 owned (no other rank writes them)
+        index-00003.json          rank 3's piece index; its presence means rank 3's files are complete
+        rng-00003.safetensors     rank 3's RNG states (restored only on the same layout)
+    RUN/checkpoints/latest        name of the newest complete checkpoint, written last
+
+A piece is a rectangle of a full tensor (`offsets` + `shape`); kinds are `model` (fp32 master weights),
+`exp_avg`, `exp_avg_sq` (AdamW moments). A reader assembles any rectangle of any tensor from whichever
+pieces overlap it, so a checkpoint saved with one TP/PP/DP/ZeRO layout loads into another. Only JSON and
+safetensors are ever read: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from ..errors import BigtrainError
+
+FORMAT = "bigtrain-checkpoint-1"
+KINDS = ("model", "exp_avg", "exp_avg_sq")
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(BigtrainError):
+    """A checkpoint that cannot be used (missing, torn, or not matching the model)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def write_json(path: str, obj) -> None:
+    """Write-aside-then-rename, fsynced: a reader sees the old file or the complete new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def validate(path: str) -> dict:
+    """meta.json of a complete checkpoint directory, or CheckpointError saying what is wrong with it."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no meta.json (not a bigtrain checkpoint, or its save never completed)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for name, size in meta["files"].items():
+        fp = os.path.join(path, name)
+        try:
+            actual = os.path.getsize(fp)
+        except OSError:
+            raise CheckpointError(f"{path}: file {name} is missing") from None
+        if actual != size:
+            raise CheckpointError(f"{path}: file {name} has {actual} bytes, expected {size} (torn write)")
+    return meta
+
+
+@dataclass
+class Chunk:
+    file: str
+    key: str
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+class Reader:
+    """Assembles rectangles of full tensors from a checkpoint's pieces."""
+
+    def __init__(self, path: str, meta: dict | None = None):
+        self.path = path
+        self.meta = meta or validate(path)
+        self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in self.meta["tensors"].items()}
+        self.chunks: dict[tuple[str, str], list[Chunk]] = {}
+        for e in self.meta["pieces"]:
+            self.chunks.setdefault((e["kind"], e["name"]), []).append(
+                Chunk(e["file"], e["key"], tuple(e["offsets"]), tuple(e["shape"])))
+        self._files: dict[str, object] = {}
+
+    def has(self, kind: str) -> bool:
+        return any(k == kind for k, _ in self.chunks)
+
+    def _open(self, file: str):
+        if file not in self._files:
+            self._files[file] = safe_open(os.path.join(self.path, file), framework="pt")
+        return self._files[file]
+
+    def read(self, kind: str, name: str, offsets=None, shape=None, dtype=torch.float32) -> torch.Tensor:
+        """The rectangle (offsets, shape) of tensor `name` (default: all of it)."""
+        if name not in self.shapes:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        full = self.shapes[name]
+        offsets = offsets or (0,) * len(full)
+        shape = shape or full
+        out = torch.empty(shape, dtype=dtype)
+        filled = 0
+        for c in self.chunks.get((kind, name), []):
+            lo = [max(a, b) for a, b in zip(offsets, c.offsets)]
+            hi = [min(a + s, b + t) for a, s, b, t in zip(offsets, shape, c.offsets, c.shape)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            src = self._open(c.file).get_slice(c.key)[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, c.offsets))]
+            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
+            filled += torch.Size([h - l for l, h in zip(lo, hi)]).numel()
+        if filled != out.numel():
+            raise CheckpointError(f"{self.path}: {kind} of {name!r} is incomplete ({filled} of {out.numel()} "
+                                  f"values in region {offsets}+{shape})")
+        return out
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def list_steps(ckpt_root: str) -> list[int]:
+    """Steps of the checkpoint directories under `ckpt_root`, newest first (complete or not)."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    steps = [int(m.group(1)) for n in os.listdir(ckpt_root) if (m := STEP_DIR.match(n))]
+    return sorted(steps, reverse=True)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory given itself, a run directory, or a run's checkpoints/ directory:
+    the newest complete checkpoint in it."""
+    if os.path.exists(os.path.join(path, "meta.json")):
+        validate(path)
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        steps = list_steps(root)
+        for s in steps:
+            cand = os.path.join(root, step_dir_name(s))
+            try:
+                validate(cand)
+                return cand
+            except CheckpointError:
+                continue
+        if steps:
+            raise CheckpointError(f"{root}: no complete checkpoint among {len(steps)} step directories")
+    raise CheckpointError(f"{path}: not a checkpoint, run directory or checkpoints directory")

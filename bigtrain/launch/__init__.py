@@ -1,0 +1,1 @@
+"""Launching: SLURM submission through submitit (submit.py) and the stop/requeue protocol (preemption.py)."""

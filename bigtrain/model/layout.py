@@ -1,0 +1,87 @@
+"""How this rank's parameters map onto the full, unsharded model.
+
+Every parameter has a *global name* (its name in a one-process model: layer numbers counted over all
+pipeline stages, the last stage's copy of a tied embedding named after the embedding) and a *full shape*.
+A tensor-parallel rank holds `stride` rectangular pieces of it along `partition_dim` (megatron's layout:
+the full tensor cut into tp*stride equal pieces, rank r holding pieces r, r+tp, ...; stride is 2 for
+SwiGLU's fc1 whose rows are [gate; up]). Initialisation, checkpoints and conversion all use this one map,
+which is what makes them independent of the parallel layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+
+@dataclass
+class Piece:
+    local: tuple[slice, ...]   # where the piece sits in the local tensor
+    offsets: tuple[int, ...]   # where it starts in the full tensor
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ParamMap:
+    local_name: str
+    global_name: str
+    param: torch.nn.Parameter
+    full_shape: tuple[int, ...]
+    pieces: list[Piece]
+    owner: bool                # this rank is the one (within its TP group and stage pair) that saves it
+
+
+def global_name(local_name: str, layer_offset: int, tied: bool) -> str:
+    parts = local_name.split(".")
+    if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
+        parts[2] = str(int(parts[2]) + layer_offset)
+    name = ".".join(parts)
+    if tied and name == "output_layer.weight":
+        name = "embedding.word_embeddings.weight"
+    return name
+
+
+def pieces_of(param: torch.Tensor) -> tuple[tuple[int, ...], list[Piece]]:
+    """(full shape, this TP rank's pieces) of a parameter tagged by megatron with its TP partitioning."""
+    shape = tuple(param.shape)
+    if not getattr(param, "tensor_model_parallel", False):
+        return shape, [Piece(tuple(slice(None) for _ in shape), (0,) * len(shape), shape)]
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    full = list(shape)
+    full[dim] *= tp
+    size = shape[dim] // stride
+    pieces = []
+    for i in range(stride):
+        local = [slice(None)] * len(shape)
+        local[dim] = slice(i * size, (i + 1) * size)
+        offsets = [0] * len(shape)
+        offsets[dim] = (rank + i * tp) * size
+        piece_shape = list(shape)
+        piece_shape[dim] = size
+        pieces.append(Piece(tuple(local), tuple(offsets), tuple(piece_shape)))
+    return tuple(full), pieces
+
+
+def param_maps(model: torch.nn.Module, tied: bool) -> list[ParamMap]:
+    """This rank's parameters, in model order, with their place in the full model."""
+    offset = get_transformer_layer_offset(model.config)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    maps = []
+    for local, p in model.named_parameters():
+        full, pieces = pieces_of(p)
+        replicated_copy = getattr(p, "ds_pipe_replicated", False) or (
+            tied and local == "output_layer.weight" and not ps.is_pipeline_first_stage())
+        owner = not replicated_copy and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+        maps.append(ParamMap(local, global_name(local, offset, tied), p, full, pieces, owner))
+    return maps
+
+
+def shard_of(full: torch.Tensor, m: ParamMap) -> torch.Tensor:
+    """This rank's local tensor cut out of the full tensor `full`."""
+    out = torch.empty(m.param.shape, dtype=full.dtype, device=full.device)
+    for pc in m.pieces:
+        out[pc.local] = full[tuple(slice(o, o + s) for o, s in zip(pc.offsets, pc.shape))]
+    return out

@@ -1,0 +1,106 @@
+"""The training loop, top to bottom.
+
+    set up processes -> build model (megatron-core) -> wrap in DeepSpeed -> data -> restore checkpoint
+    -> for each step: lr, batch, forward/backward/step, metrics, evaluation, checkpoint, stop request
+    -> final checkpoint
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from ..checkpoint import Checkpointer
+from ..config import Config, dump
+from ..data import build_train_source, build_validation_source
+from ..launch.preemption import StopRequest
+from ..model import build_model
+from ..parallel import build_engine, check_layout, forward_backward, init_model_parallel, setup, train_step
+from .metrics import Metrics, setup_logging
+
+log = logging.getLogger("bigtrain")
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for the optimizer step with 0-based index `step`: linear warmup, cosine decay to min_lr."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    decay = t.decay_steps or max(t.steps - t.warmup_steps, 1)
+    progress = min((step - t.warmup_steps) / decay, 1.0)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def evaluate(engine, valid, cfg: Config) -> float:
+    engine.eval()
+    with torch.no_grad():
+        losses = [forward_backward(engine, batch.to(engine.device), cfg, forward_only=True)
+                  for batch in valid.batches(cfg.train.eval_batches)]
+    engine.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg: Config) -> list[dict]:
+    """Train (or resume) the run described by `cfg`. Returns rank 0's per-step metrics of this process."""
+    env, device = setup(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+    setup_logging(env.rank)
+    check_layout(cfg, env.world)
+    init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    if env.rank == 0:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        dump(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    log.info(f"{env.world} ranks ({env.launcher}, {device.type}): TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline} "
+             f"DP={ps.get_data_parallel_world_size()} ZeRO-{cfg.parallel.zero_stage} {cfg.train.precision}")
+
+    engine = build_engine(build_model(cfg), cfg)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    data = build_train_source(cfg, dp_rank, dp_size)
+    valid = build_validation_source(cfg, dp_rank, dp_size)
+    ckpt = Checkpointer(cfg, engine, data)
+    step = ckpt.restore()
+    metrics = Metrics(cfg, env.rank, env.world, step)
+    metrics.event("resume" if step else "start", step, world=env.world, launcher=env.launcher,
+                  restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+    stop = StopRequest()
+    history = []
+
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        set_lr(engine, lr)
+        batch = data.next_batch().to(device, non_blocking=True)
+        loss, grad_norm = train_step(engine, batch, cfg)
+        step += 1
+        history.append(metrics.step(step, loss, lr, grad_norm, time.perf_counter() - t0))
+
+        if valid is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            val_loss = evaluate(engine, valid, cfg)
+            metrics.scalar("val/loss", val_loss, step)
+            history[-1]["val_loss"] = val_loss
+            log.info(f"step {step} | validation loss {val_loss:.4f}")
+        if stop.requested():
+            ckpt.save(step, reason=stop.reason)
+            metrics.event("stopped", step, reason=stop.reason)
+            break
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            ckpt.save(step, reason="interval")
+
+    if step == cfg.train.steps and ckpt.latest_step() != step:
+        ckpt.save(step, reason="end")
+    ckpt.close()  # waits for background writes
+    data.close()
+    metrics.close()
+    dist.barrier()
+    stop.restore_handlers()
+    return history
