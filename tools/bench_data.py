@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=64, help="global batch (samples) per loader step")
     ap.add_argument("--shard-samples", type=int, default=2048)
+    ap.add_argument("--passes", type=int, default=4, help="epochs the loader streams (it cycles; others read once)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=a.workdir) as work:
@@ -72,7 +73,7 @@ def main():
         cfg.model.seq_length, cfg.model.vocab_size, cfg.train.global_batch_size = a.seq_len, 32000, a.batch
         src = build_train_source(cfg, 0, 1)
         src.next_batch()  # warm-up: imports, first shard opens
-        steps = n // a.batch - 1
+        steps = a.passes * n // a.batch - 1
 
         def loader():
             for _ in range(steps):
@@ -95,7 +96,7 @@ def main():
             return (n // a.batch) * a.batch * L
 
         plain_wds()  # warm the page cache and imports alike for every reader
-        ours = timed(f"bigtrain loader ({src.K} lanes, int64 batches of {a.batch})", loader)
+        ours = timed(f"bigtrain loader ({src.K} lanes, {a.passes} epochs, int64 batches)", loader)
         src.close()
         pw = timed("plain webdataset.WebDataset(urls).decode()", plain_wds)
         mm = timed("numpy memmap -> int64 batches", mmap)

@@ -9,7 +9,7 @@ source's shards), member after member, moving to the next epoch when they are do
 Data-parallel rank r of D takes the global samples i with i % D == r; a step's batch is its share of
 [step * G, (step + 1) * G). When D divides K, rank r reads only the lanes l with l % D == r (disjoint shards);
 otherwise every rank reads every lane and drops the samples of other ranks. Loader workers each read a subset
-of the rank's lanes, one step ahead at a time, and send each lane's rows with the lane's state after them, so
+of the rank's lanes, up to 4 steps ahead, and send each step's rows of a lane with the lane's state after them, so
 the state the trainer saves is that of what it consumed.
 
 The state is, per lane, its sample counter and per source (epoch, shard index in the lane's list, members
@@ -212,7 +212,7 @@ class _Cursor:
     def lane_shards(self) -> np.ndarray:
         if self._perm[0] != self.epoch:
             n = len(self.src.urls)
-            order = (np.random.default_rng([self.seed, self.si, self.epoch]).permutation(n) if self.shuffle
+            order = (np.random.default_rng([self.seed & _M64, self.si, self.epoch]).permutation(n) if self.shuffle
                      else np.arange(n))
             self._perm = (self.epoch, order[self.lane::self.K])
         return self._perm[1]

@@ -161,17 +161,23 @@ def train_tokenizer(inputs, vocab_size: int, output: str, max_sentences: int = 2
                     if line.strip():
                         yield line
 
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    model = io.BytesIO()  # written by us: the model file then depends on the inputs alone, not on the output path
     spm.set_random_generator_seed(1234)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(), model_prefix=output, model_type="bpe", vocab_size=vocab_size,
+            sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
             byte_fallback=True, character_coverage=0.9995, split_digits=True, allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False, normalization_rule_name="identity", input_sentence_size=max_sentences,
             shuffle_input_sentence=True, max_sentence_length=16384, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+            num_threads=16, minloglevel=2)  # a fixed thread count: it is recorded in the model file
     except RuntimeError as e:
         raise BigtrainError(f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".model", "wb") as f:
+        f.write(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with open(output + ".vocab", "w", encoding="utf-8") as f:
+        f.writelines(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     tok = Tokenizer(output + ".model")
     print(f"wrote {output}.model and {output}.vocab (vocab {tok.vocab_size}, {len(files)} input files, "
           f"sha256 {tok.sha256[:12]})", file=sys.stderr)

@@ -21,6 +21,16 @@ CHINESE = [
 ]
 
 
+@pytest.fixture(scope="session")
+def stdlib() -> str:
+    return STDLIB
+
+
+@pytest.fixture(scope="session")
+def chinese() -> list[str]:
+    return chinese_texts()
+
+
 def chinese_texts() -> list[str]:
     """Real Chinese text on every machine with Python: CPython's CJK codec test data, plus CHINESE."""
     files = sorted(glob.glob(os.path.join(STDLIB, "test", "cjkencodings", "g*-utf8.txt")) +

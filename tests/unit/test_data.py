@@ -20,8 +20,7 @@ import webdataset as wds
 from bigtrain.config.schema import Config, DataSource
 from bigtrain.data import build_train_source, build_validation_source, check_manifest, merge_states, write_shards
 from bigtrain.errors import BigtrainError
-from conftest import SEQ, STDLIB, chinese_texts
-
+SEQ = 32  # seq_len of the `shards` fixture (conftest.py)
 G = 12  # global batch: divisible by the DP sizes 1, 2, 3, 4
 
 
@@ -64,7 +63,7 @@ def shard_rows(d):
 
 # ---------------------------------------------------------------------------------------------- shards
 
-def test_shards_are_plain_webdataset(shards, tokenizer):
+def test_shards_are_plain_webdataset(shards, tokenizer, stdlib):
     d = shards["a"]
     m = json.load(open(os.path.join(d, "manifest.json")))
     assert m["seq_len"] == SEQ and m["dtype"] == "uint16" and m["vocab_size"] == 1000 and m["eos_id"] == 2
@@ -81,7 +80,7 @@ def test_shards_are_plain_webdataset(shards, tokenizer):
     assert n == m["samples"] == sum(s["samples"] for s in m["shards"]) and m["tokens"] == n * (SEQ + 1)
     assert all(s["samples"] == 64 for s in m["shards"][:-1]) and 0 < m["shards"][-1]["samples"] <= 64
     assert 0 <= m["dropped_tokens"] < SEQ + 1
-    assert m["documents"] == len(glob.glob(f"{STDLIB}/email/*.py")) + len(glob.glob(f"{STDLIB}/logging/*.py"))
+    assert m["documents"] == len(glob.glob(f"{stdlib}/email/*.py")) + len(glob.glob(f"{stdlib}/logging/*.py"))
     for s in m["shards"]:
         assert hashlib.sha256(open(os.path.join(d, s["name"]), "rb").read()).hexdigest() == s["sha256"]
     rows = shard_rows(d)
@@ -101,7 +100,7 @@ def test_shards_byte_identical_for_1_and_2_workers(corpus, tokenizer, tmp_path):
     assert filecmp.cmpfiles(tmp_path / "w1", tmp_path / "w2", names, shallow=False)[0] == names
 
 
-def test_shards_jsonl_text_key_and_refusals(corpus, tokenizer, shards, tmp_path):
+def test_shards_jsonl_text_key_and_refusals(corpus, tokenizer, shards, chinese, tmp_path):
     with pytest.raises(BigtrainError, match=r"zh\.jsonl\.gz:1: no text field 'body'"):
         write_shards(tokenizer=tokenizer, inputs=[corpus["zh"]], output=str(tmp_path / "x"), seq_len=SEQ,
                      text_key="body", workers=1)
@@ -112,7 +111,7 @@ def test_shards_jsonl_text_key_and_refusals(corpus, tokenizer, shards, tmp_path)
                      seq_len=SEQ, workers=1)
     m = write_shards(tokenizer=tokenizer, inputs=[corpus["zh"]], output=str(tmp_path / "zh"), seq_len=SEQ,
                      workers=1, append_eos=False)
-    assert m["documents"] == len(chinese_texts()) and (shard_rows(str(tmp_path / "zh")) != 2).all()
+    assert m["documents"] == len(chinese) and (shard_rows(str(tmp_path / "zh")) != 2).all()
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
@@ -268,8 +267,8 @@ def test_corrupt_members_are_skipped_counted_and_logged(damaged, shards, caplog)
 
 
 def test_skip_fraction_limit_stops_the_run(damaged):
-    damaged, _ = damaged
     """6 bad of about 140 members: over 0.005 x max(members seen, 1000) within the first epoch."""
+    damaged, _ = damaged
     cfg = make_cfg([(damaged, 1.0)], lanes=1, max_skip_fraction=0.005)
     with pytest.raises(BigtrainError, match=r"skipped 6 of \d+ shard members.*max_skip_fraction=0.005; last bad: "
                                             r".*shard-00000[135]\.tar"):
