@@ -111,7 +111,7 @@ class Checkpointer:
 
     @staticmethod
     def _read_local(reader: Reader, kind: str, m: ParamMap) -> torch.Tensor:
-        out = torch.empty(m.param.shape, dtype=torch.float32)
+        out = torch.empty(m.shape, dtype=torch.float32)
         for pc in m.pieces:
             out[pc.local] = reader.read(kind, m.global_name, pc.offsets, pc.shape)
         return out
@@ -136,6 +136,8 @@ class Checkpointer:
         self.wait()
         t0 = time.perf_counter()
         with_moments = S.optimizer_step(self.engine) is not None
+        if with_moments:
+            S.link_moments(self.engine)
         tensors, pieces, shapes = {}, [], {}
         fname = f"rank-{self.rank:05d}.safetensors"
         for j, m in enumerate(self.maps):

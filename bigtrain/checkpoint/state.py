@@ -66,19 +66,37 @@ def init_moments(engine) -> None:
     """Create AdamW's state (zero moments, step 0) as torch's AdamW would on its first step, so that
     saved moments can be loaded into an engine that has not stepped yet."""
     opt = inner_optimizer(engine)
-    for group in opt.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            if opt.state.get(p):
-                continue
-            opt.state[p] = {
-                "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO-1/2 and bf16: point each parameter's fragment at the new state
-        link()
+    on_device = opt.param_groups[0].get("fused") or opt.param_groups[0].get("capturable")
+    for p in _stepped_tensors(engine):
+        st = opt.state[p]
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+        for k in MOMENTS:
+            if k not in st:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    link_moments(engine)
+
+
+def _stepped_tensors(engine) -> list[torch.Tensor]:
+    """The tensors AdamW keeps state for: DeepSpeed's flat fp32 partitions, or the parameters themselves."""
+    opt = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat",   # ZeRO-3
+                 "single_partition_of_fp32_groups",  # ZeRO-1/2
+                 "fp32_groups_flat_partition"):      # bf16 optimizer (ZeRO-1 with bf16)
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def link_moments(engine) -> None:
+    """Point each parameter's ZeRO-1/2 / bf16 fragment mapping at the current AdamW state.
+    DeepSpeed links them once, after the first step of the *first* parameter group, so parameters of
+    later groups (bigtrain's no-weight-decay group) stay unlinked and their moments unreachable; relink
+    all of them whenever we read or write moments."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
 
 
 def set_moments(engine, m: ParamMap, moments: dict[str, torch.Tensor]) -> None:

@@ -28,6 +28,7 @@ class ParamMap:
     local_name: str
     global_name: str
     param: torch.nn.Parameter
+    shape: tuple[int, ...]     # this rank's tensor (its TP shard)
     full_shape: tuple[int, ...]
     pieces: list[Piece]
     owner: bool                # this rank is the one (within its TP group and stage pair) that saves it
@@ -43,9 +44,14 @@ def global_name(local_name: str, layer_offset: int, tied: bool) -> str:
     return name
 
 
+def local_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's shape on this rank (under ZeRO-3 `param.shape` is empty: its data is partitioned)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def pieces_of(param: torch.Tensor) -> tuple[tuple[int, ...], list[Piece]]:
     """(full shape, this TP rank's pieces) of a parameter tagged by megatron with its TP partitioning."""
-    shape = tuple(param.shape)
+    shape = local_shape(param)
     if not getattr(param, "tensor_model_parallel", False):
         return shape, [Piece(tuple(slice(None) for _ in shape), (0,) * len(shape), shape)]
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
@@ -75,13 +81,13 @@ def param_maps(model: torch.nn.Module, tied: bool) -> list[ParamMap]:
         replicated_copy = getattr(p, "ds_pipe_replicated", False) or (
             tied and local == "output_layer.weight" and not ps.is_pipeline_first_stage())
         owner = not replicated_copy and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
-        maps.append(ParamMap(local, global_name(local, offset, tied), p, full, pieces, owner))
+        maps.append(ParamMap(local, global_name(local, offset, tied), p, local_shape(p), full, pieces, owner))
     return maps
 
 
 def shard_of(full: torch.Tensor, m: ParamMap) -> torch.Tensor:
     """This rank's local tensor cut out of the full tensor `full`."""
-    out = torch.empty(m.param.shape, dtype=full.dtype, device=full.device)
+    out = torch.empty(m.shape, dtype=full.dtype, device=full.device)
     for pc in m.pieces:
         out[pc.local] = full[tuple(slice(o, o + s) for o, s in zip(pc.offsets, pc.shape))]
     return out
