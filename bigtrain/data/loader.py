@@ -339,7 +339,7 @@ def initial_lane_state(n_sources: int) -> dict:
 class _Lane:
     def __init__(self, lane: int, sources: list[Source], K: int, seed: int, state: dict, sample_len: int,
                  vocab_size: int, shuffle: bool = True):
-        self.lane, self.seed, self.n = lane, seed, state["n"]
+        self.lane, self.seed, self.n, self.sample_len = lane, seed, state["n"], sample_len
         self.weights = [s.weight for s in sources]
         self.ctx = _Counters(state["seen"], state["skipped"], state["last_bad"])
         self.cursors = [_Cursor(s, i, lane, K, seed, shuffle, p, self.ctx, sample_len, vocab_size)
@@ -370,7 +370,9 @@ class _Lane:
 def _step_rows(lane: _Lane, K: int, D: int, r: int, a: int, G: int):
     """The lane's part of the global window [a, a + G): rows rank r keeps and their rows in its batch."""
     i = np.arange(a + (lane.lane - a) % K, a + G, K)
-    assert not len(i) or lane.n == i[0] // K, "lane counter out of step with the global index"
+    if not len(i):  # a batch smaller than the lane count
+        return np.empty((0, lane.sample_len), np.int64), i
+    assert lane.n == i[0] // K, "lane counter out of step with the global index"
     rows = lane.take(len(i))
     keep = i % D == r
     if not keep.all():

@@ -138,6 +138,15 @@ def test_restore_continues_global_sequence(blended, d_save, d_load):
     assert (tail == ref[SAVE * G:]).all()
 
 
+def test_batch_smaller_than_lane_count(shards):
+    """G = 2 with 4 lanes: some lanes give nothing to a step; DP 2 and a restore still follow the global order."""
+    cfg = make_cfg([(shards["a"], 1.0), (shards["b"], 1.0)], batch=2)
+    ref, _ = read_global(cfg, 1, 30)
+    head, state = read_global(cfg, 2, 13)
+    tail, _ = read_global(cfg, 1, 17, state)
+    assert (np.concatenate([head, tail]) == ref).all()
+
+
 def test_state_dict_single_rank_and_mismatches(blended, shards):
     cfg, ref = blended
     src = build_train_source(cfg, 0, 1)
