@@ -1,6 +1,6 @@
 """Tokenizers (a sentencepiece `.model` or an HF `tokenizer.json` behind one small class), training a
 sentencepiece BPE for English, Chinese and code, and reading the text inputs of `bigtrain tokenizer train`
-and `bigtrain shards`: files or globs (`**` recursive; a pattern starting with `!` excludes its matches) of
+and `bigtrain shards`: files or globs (`**` recursive; `exclude:PATTERN` removes its matches) of
 plain text (one document per file), `.jsonl` (one document per line, in a text field) and `.gz` of either.
 """
 from __future__ import annotations
@@ -90,13 +90,15 @@ def load_tokenizer(path: str) -> Tokenizer:
 # ---------------------------------------------------------------------------------------------- text inputs
 
 def expand_inputs(patterns) -> list[str]:
-    """Files named by `patterns` in order (globs sorted, `**` recursive, duplicates dropped); a pattern starting
-    with `!` removes the files it matches (e.g. `'!/usr/lib/python3.11/site-packages/**'`)."""
+    """Files named by `patterns` in order (globs sorted, `**` recursive, duplicates dropped); `exclude:PATTERN`
+    removes the files PATTERN matches (e.g. `exclude:/usr/lib/python3.11/site-packages/**`). (Not `!PATTERN`:
+    interactive bash would take it for history expansion inside double quotes.)"""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    excluded = {os.path.normpath(f) for p in patterns if p.startswith("!") for f in glob.glob(p[1:], recursive=True)}
+    ex = "exclude:"
+    excluded = {os.path.normpath(f) for p in patterns if p.startswith(ex) for f in glob.glob(p[len(ex):], recursive=True)}
     files = {}
     for p in patterns:
-        if p.startswith("!"):
+        if p.startswith(ex):
             continue
         if any(c in p for c in "*?["):
             found = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))

@@ -81,7 +81,7 @@ def test_inputs_recursive_globs_and_exclusions(tmp_path):
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_text("x")
     got = expand_inputs([f"{tmp_path}/top.txt", f"{tmp_path}/a/**/*.txt", f"{tmp_path}/**/*.gz",
-                         f"!{tmp_path}/a/skip/**", f"{tmp_path}/top.txt"])
+                         f"exclude:{tmp_path}/a/skip/**", f"{tmp_path}/top.txt"])
     rel = [os.path.relpath(p, tmp_path) for p in got]
     assert rel == ["top.txt", "a/b/y.txt", "a/x.txt", "a/b/c/z.jsonl.gz"]
     with pytest.raises(BigtrainError, match="is a directory"):
