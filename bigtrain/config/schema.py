@@ -145,12 +145,15 @@ class DataConfig:
     """Independent read streams the global sample order is striped over; 0 = as many as the source with the
     fewest shards allows, at most 64. Fixed for the life of a run (stored in checkpoints): data-parallel
     sizes that divide it read disjoint shards."""
-    max_skip_fraction: float = 0.01
-    """Stop the run when the fraction of corrupt or unreadable members skipped so far exceeds this."""
+    max_skip_fraction: float = 0.05
+    """Stop the run when corrupt or unreadable tar members skipped so far exceed this fraction of the members
+    read (counted over at least 1,000 members, so a few early bad ones don't stop a run; a lost shard counts
+    all its members)."""
     num_workers: int = 0
     """Background loader processes per rank (0 = read in the training process)."""
-    text_key: str = "text"
-    """JSON field holding the text in `.jsonl` inputs (for `bigtrain shards`)."""
+    prepare: Literal["", "stdlib"] = ""
+    """Build the tokenizer and shards this section names from a built-in corpus when they are missing
+    (`stdlib`: the Python standard library's sources, no download)."""
 
 
 @dataclass

@@ -17,7 +17,8 @@ from megatron.core import parallel_state as ps
 
 from ..checkpoint import Checkpointer
 from ..config import Config, dump
-from ..data import build_train_source, build_validation_source
+from ..data import build_train_source, build_validation_source, check_manifest
+from ..data.corpus import prepare as prepare_corpus
 from ..launch.preemption import StopRequest
 from ..model import build_model
 from ..parallel import build_engine, check_layout, forward_backward, init_model_parallel, setup, train_step
@@ -55,6 +56,10 @@ def train(cfg: Config) -> list[dict]:
     env, device = setup(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(env.rank)
     check_layout(cfg, env.world)
+    if cfg.data.prepare and env.rank == 0:
+        prepare_corpus(cfg)
+    dist.barrier()
+    check_manifest(cfg)
     init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     if env.rank == 0:

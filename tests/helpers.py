@@ -1,0 +1,104 @@
+"""Shared by the unit and multi-rank tests: a real tiny corpus, a tiny model config, and running
+`bigtrain train` as a real single process."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+SEQ = 32
+VOCAB = 512
+
+
+def test_data(root: str) -> dict:
+    """Tokenizer (sentencepiece BPE 512, trained by bigtrain) and seq-32 shards from real stdlib sources,
+    built once under `root` (safe when several processes ask at once)."""
+    out = dict(tokenizer=os.path.join(root, "tok.model"), train=os.path.join(root, "train"),
+               train_b=os.path.join(root, "train_b"), val=os.path.join(root, "val"))
+    done = os.path.join(root, "done")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            from bigtrain.data import train_tokenizer, write_shards
+            text = [f"{STDLIB}/json/*.py", f"{STDLIB}/email/*.py", f"{STDLIB}/logging/*.py"]
+            train_tokenizer(text, VOCAB, out["tokenizer"].removesuffix(".model"))
+            write_shards(out["tokenizer"], text, out["train"], SEQ, samples_per_member=16, shard_samples=256, workers=1)
+            write_shards(out["tokenizer"], [f"{STDLIB}/http/*.py"], out["train_b"], SEQ, samples_per_member=16,
+                         shard_samples=128, workers=1)
+            write_shards(out["tokenizer"], [f"{STDLIB}/html/*.py"], out["val"], SEQ, samples_per_member=16,
+                         shard_samples=128, workers=1)
+            open(done, "w").close()
+    return out
+
+
+def tiny(data: dict, run_dir: str, *extra: str) -> list[str]:
+    """Overrides for a tiny fp32 model on the test corpus (5 steps, global batch 8)."""
+    return [f"run.dir={run_dir}", f"model.vocab_size={VOCAB}", "model.hidden_size=64", "model.num_layers=4",
+            "model.num_attention_heads=4", "model.num_kv_heads=2", f"model.seq_length={SEQ}",
+            "train.precision=fp32", "train.micro_batch_size=2", "train.global_batch_size=8", "train.steps=5",
+            "train.lr=3e-3", "train.warmup_steps=2", "train.log_interval=100",
+            f"data.tokenizer={data['tokenizer']}", f"data.sources=[{{path: {data['train']}}}]", "data.lanes=4",
+            "checkpoint.interval=0", *extra]
+
+
+def clean_env(**extra) -> dict:
+    """The environment without torchrun/SLURM rank variables: a child process runs as its own job."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+            "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_", "SLURM_", "OMP_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def bigtrain(*args: str, nproc: int = 1, timeout: int = 600, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m bigtrain`, or under torchrun when nproc > 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "bigtrain", *args]
+    else:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(port), "--no-python", "bigtrain", *args]
+    proc = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def reference_losses(cache: str, overrides: list[str]) -> list[float]:
+    """Per-step losses of a single-process run of `overrides` (run.dir excluded from the key), computed
+    once per cache directory."""
+    key = hashlib.sha256(json.dumps([o for o in overrides if not o.startswith("run.dir=")]).encode()).hexdigest()[:16]
+    path = os.path.join(cache, f"reference-{key}.json")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            run_dir = os.path.join(cache, f"reference-{key}")
+            bigtrain("train", os.devnull, *[o for o in overrides if not o.startswith("run.dir=")], f"run.dir={run_dir}")
+            with open(path, "w") as f:
+                json.dump(losses(run_dir), f)
+        with open(path) as f:
+            return json.load(f)
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
