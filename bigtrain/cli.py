@@ -13,9 +13,11 @@ from .errors import BigtrainError
 
 def _train(a):
     from .config import load_config
+    from .launch.preemption import EXIT_REQUEUE
     from .train import train
     cfg = load_config(a.config, a.overrides)
-    train(cfg)
+    if train(cfg).stopped:
+        sys.exit(EXIT_REQUEUE)  # checkpointed and stopped early: come back later
 
 
 def _config(a):

@@ -1,26 +1,50 @@
-"""Stop requests: a signal asks the run to checkpoint at the next step boundary and stop.
+"""Stopping early and coming back: signal -> checkpoint at the next step boundary -> requeue -> resume.
 
-SLURM sends SIGUSR1 (`--signal=USR1@N`, bigtrain's sbatch files and `bigtrain submit`) before a time limit,
-and preemption or `scancel` sends SIGTERM. The handler only records the signal; at each step boundary
-all ranks agree (one all-reduce) so that they stop at the same step.
+Signals (recorded by a handler; acted on at a step boundary, where all ranks agree with one all-reduce):
+- SIGUSR1 / SIGUSR2: the job's time limit is near (`--signal=USR1@N` in bigtrain's sbatch files,
+  `USR2` from submitit). bigtrain saves, then rank 0 requeues the job itself (`scontrol requeue`) while
+  SLURM_RESTART_COUNT < launch.max_requeues.
+- SIGTERM: SLURM is ending the job (preemption, `scontrol requeue`, `scancel`): bigtrain saves if it can
+  within SLURM's KillWait and exits; requeueing, if any, is SLURM's.
+
+A run that stopped early exits with EXIT_REQUEUE (75, EX_TEMPFAIL), so batch scripts can tell "come back
+later" from success (0) and from errors (1, 2), which are never requeued.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import threading
 
 import torch
 import torch.distributed as dist
 
+from ..errors import BigtrainError
+
 log = logging.getLogger("bigtrain")
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+TIME_LIMIT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = TIME_LIMIT_SIGNALS + (signal.SIGTERM,)
+EXIT_REQUEUE = 75
+
+
+def restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def check_restarts(max_requeues: int) -> None:
+    """Refuse to run again after more requeues than allowed (a job stuck in a preempt/requeue loop)."""
+    n = restart_count()
+    if n > max_requeues:
+        raise BigtrainError(f"SLURM job {os.environ.get('SLURM_JOB_ID')} was requeued {n} times, more than "
+                            f"launch.max_requeues={max_requeues}: not resuming (raise launch.max_requeues to go on)")
 
 
 class StopRequest:
     def __init__(self, signals=STOP_SIGNALS):
-        self.signal: int = 0
+        self.signal = 0
         self.reason = ""
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -28,7 +52,7 @@ class StopRequest:
                 self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        self.signal = self.signal or signum
 
     def requested(self) -> bool:
         """Collective: True on every rank once any rank has received a stop signal."""
@@ -36,9 +60,26 @@ class StopRequest:
                             device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
-            self.reason = signal.Signals(int(flag.item())).name
+            self.signal = int(flag.item())
+            self.reason = signal.Signals(self.signal).name
             return True
         return False
+
+    def requeue(self, max_requeues: int) -> str:
+        """After a time-limit signal, once the checkpoint is committed: rank 0 requeues the SLURM job.
+        Returns what was done (for the run's events)."""
+        if self.signal not in TIME_LIMIT_SIGNALS or "SLURM_JOB_ID" not in os.environ:
+            return "none"
+        if restart_count() >= max_requeues:
+            return f"not requeued: {restart_count()} requeues already (launch.max_requeues={max_requeues})"
+        if dist.get_rank() != 0:
+            return "requeued by rank 0"
+        job = os.environ["SLURM_JOB_ID"]
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if proc.returncode:
+            log.error(f"scontrol requeue {job} failed: {proc.stderr.strip()}")
+            return f"requeue failed: {proc.stderr.strip()}"
+        return f"requeued job {job}"
 
     def restore_handlers(self) -> None:
         for s, h in self._previous.items():

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from ..checkpoint import Checkpointer
 from ..config import Config, dump
 from ..data import build_train_source, build_validation_source, check_manifest
 from ..data.corpus import prepare as prepare_corpus
-from ..launch.preemption import StopRequest
+from ..launch.preemption import StopRequest, check_restarts, restart_count
 from ..model import build_model
 from ..parallel import build_engine, check_layout, forward_backward, init_model_parallel, setup, train_step
 from .metrics import Metrics, setup_logging
@@ -51,8 +52,16 @@ def evaluate(engine, valid, cfg: Config) -> float:
     return sum(losses) / len(losses)
 
 
-def train(cfg: Config) -> list[dict]:
-    """Train (or resume) the run described by `cfg`. Returns rank 0's per-step metrics of this process."""
+@dataclass
+class TrainResult:
+    history: list[dict]   # per-step metrics of the steps this process trained
+    step: int             # the step the run is at
+    stopped: str = ""     # the signal that stopped it before train.steps ("" = it ran to the end)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train (or resume) the run described by `cfg`."""
+    check_restarts(cfg.launch.max_requeues)
     env, device = setup(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(env.rank)
     check_layout(cfg, env.world)
@@ -76,7 +85,8 @@ def train(cfg: Config) -> list[dict]:
     step = ckpt.restore()
     metrics = Metrics(cfg, env.rank, env.world, step)
     metrics.event("resume" if step else "start", step, world=env.world, launcher=env.launcher,
-                  restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+                  restart=restart_count())
+    metrics.scalar("run/restarts", restart_count(), step)
     stop = StopRequest()
     history = []
 
@@ -103,9 +113,11 @@ def train(cfg: Config) -> list[dict]:
 
     if step == cfg.train.steps and ckpt.latest_step() != step:
         ckpt.save(step, reason="end")
-    ckpt.close()  # waits for background writes
+    ckpt.close()  # waits for background writes: the checkpoint is committed past this line
+    if stop.reason:
+        metrics.event("requeue", step, action=stop.requeue(cfg.launch.max_requeues), restart=restart_count())
     data.close()
     metrics.close()
     dist.barrier()
     stop.restore_handlers()
-    return history
+    return TrainResult(history, step, stop.reason)

@@ -44,7 +44,7 @@ def _reference_overrides(case):
 
 
 def _check(case, data, shared_dir, reference):
-    got = [r["loss"] for r in train(load_config(None, tiny(data, shared_dir, *case)))]
+    got = [r["loss"] for r in train(load_config(None, tiny(data, shared_dir, *case))).history]
     want = reference(tiny(data, "-", *_reference_overrides(case)))
     assert len(got) == 5
     assert max_rel_diff(got, want) < TOL, (case, got, want)
