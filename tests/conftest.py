@@ -7,6 +7,9 @@
   the names of the failing inner tests.
 """
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/helpers.py
 
 collect_ignore = [] if "RANK" in os.environ else ["dist"]
 

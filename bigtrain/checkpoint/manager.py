@@ -87,8 +87,9 @@ class Checkpointer:
         reader = Reader(path)
         meta = reader.meta
         for m in self.maps:
-            if reader.shapes.get(m.global_name) != m.full_shape:
-                raise CheckpointError(f"{path}: tensor {m.global_name} has shape {reader.shapes.get(m.global_name)} "
+            saved = reader.shapes.get(m.global_name)
+            if saved != m.full_shape:
+                raise CheckpointError(f"{path}: tensor {m.global_name} has shape {list(saved) if saved else 'none'} "
                                       f"in the checkpoint, the model configured here expects {list(m.full_shape)}")
         for m in self.maps:
             S.set_weights(self.engine, m, self._read_local(reader, "model", m))

@@ -57,10 +57,14 @@ def launch_env() -> Env:
     return Env(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
+_ENV: Env | None = None
+
+
 def setup(backend: str = "auto", timeout_minutes: float = 30.0) -> tuple[Env, torch.device]:
     """Initialise torch.distributed (and DeepSpeed's comm layer on top of it); returns (env, device).
-    A no-op returning the current state when already initialised (e.g. under pytest + torchrun)."""
-    env = launch_env()
+    Later calls in the same process (e.g. several runs under one pytest + torchrun) reuse the group."""
+    global _ENV
+    env = _ENV = _ENV or launch_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

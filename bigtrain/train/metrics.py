@@ -19,8 +19,14 @@ log = logging.getLogger("bigtrain")
 
 
 def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[bigtrain %(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    """The `bigtrain` logger prints to stderr (INFO on rank 0, warnings and errors on the others)."""
+    handler = next((h for h in log.handlers if getattr(h, "bigtrain", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler()
+        handler.bigtrain = True
+        log.addHandler(handler)
+    handler.setFormatter(logging.Formatter(f"[bigtrain %(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S"))
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def num_params(cfg: Config) -> int:
