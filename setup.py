@@ -25,7 +25,9 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "gguf>=0.10"],
+        # `bigtrain convert from-hf --gguf-file`: transformers dequantises GGUF weights with these
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "gguf>=0.10", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["bigtrain=bigtrain.cli:main"]},
 )

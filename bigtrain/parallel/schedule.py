@@ -109,3 +109,24 @@ def train_step(engine, batch: torch.Tensor, cfg: Config) -> tuple[float, float]:
     engine.step()
     norm = engine.get_global_grad_norm()
     return loss, float(norm) if norm is not None else float("nan")
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor, cfg: Config) -> torch.Tensor | None:
+    """Full-vocabulary logits [batch, seq, padded vocab] (fp32) of a bare model of any TP x PP layout for token
+    ids [batch, seq]: on the last pipeline stage's ranks; None on the others."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    def step(data_iterator, m):
+        out = m(next(data_iterator), None, None)
+
+        def collect(output, non_loss_data=False):
+            return gather_from_tensor_model_parallel_region(output).float()
+        return out, collect
+
+    model.eval()
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
+            seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True,
+            collect_non_loss_data=True)
+    return out[0] if ps.is_pipeline_last_stage() else None
