@@ -37,18 +37,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from ..errors import BigtrainError
 
 EXIT_REQUEUE = 75  # = preemption.EXIT_REQUEUE (not imported here: that module imports torch)
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED")
+                   "DEADLINE")
 _SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
 def _say(msg: str) -> None:
-    print(f"[bigtrain submit] {msg}", file=sys.stderr, flush=True)
+    # os.write, not print: this also runs inside signal handlers, which may interrupt a print to stderr
+    os.write(2, f"[bigtrain submit] {msg}\n".encode(errors="replace"))
 
 
 # ------------------------------------------------------------------------------------------- the job
