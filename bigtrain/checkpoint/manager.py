@@ -155,22 +155,22 @@ class Checkpointer:
         """Snapshot now, write in the background (or now, with checkpoint.async_save=false)."""
         if step == self._latest:
             return
-        self.wait()
         t0 = time.perf_counter()
+        self.wait()  # the previous save's write, if it is still going, is part of this stall
         with_moments = S.optimizer_step(self.engine) is not None
         if with_moments:
             S.link_moments(self.engine)
         tensors, pieces, shapes = {}, [], {}
         fname = f"rank-{self.rank:05d}.safetensors"
         for j, m in enumerate(self.maps):
-            full = S.full_tensors(self.engine, m, with_moments)  # collective over DP under ZeRO
+            full, fresh = S.full_tensors(self.engine, m, with_moments)  # collective over DP under ZeRO
             if not (m.owner and j % self.dp_size == self.dp_rank):
                 continue
             shapes[m.global_name] = list(m.full_shape)
             for kind, t in full.items():
                 for i, pc in enumerate(m.pieces):
                     key = f"{kind}/{m.global_name}/{i}"
-                    tensors[key] = self._to_host(key, t[pc.local])
+                    tensors[key] = self._to_host(key, t[pc.local], fresh)
                     pieces.append(dict(kind=kind, name=m.global_name, key=key, file=fname,
                                        offsets=list(pc.offsets), shape=list(pc.shape)))
         if torch.cuda.is_available():
@@ -193,9 +193,12 @@ class Checkpointer:
         if not self.cfg.checkpoint.async_save:
             self.close(raise_on_error=False)
 
-    def _to_host(self, key: str, t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, key: str, t: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """A host copy that training cannot change: device tensors go to reused pinned buffers; host tensors
+        are copied only when they are the live state."""
         if t.device.type == "cpu":
-            return t.detach().to(torch.float32, copy=True).contiguous()
+            t = t.detach().to(torch.float32)
+            return t.contiguous() if fresh and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
         buf = self._pinned.get(key)
         if buf is None or buf.shape != t.shape:
             buf = self._pinned[key] = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)

@@ -8,9 +8,12 @@ between save and load.
 """
 from __future__ import annotations
 
+import math
+
 import torch
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
+                             safe_get_local_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state)
+from megatron.core import parallel_state as ps
 
 from ..model.layout import ParamMap
 from ..parallel.engine import uses_zero_optimizer
@@ -31,8 +34,9 @@ def optimizer_step(engine) -> int | None:
     return None
 
 
-def full_tensors(engine, m: ParamMap, with_moments: bool) -> dict[str, torch.Tensor]:
-    """{kind: fp32 tensor of this rank's TP shard} for one parameter. Collective over the DP group
+def full_tensors(engine, m: ParamMap, with_moments: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """({kind: fp32 tensor of this rank's TP shard}, fresh) for one parameter; `fresh` is False when the
+    tensors are the live training state (copy them before training goes on). Collective over the DP group
     under ZeRO: every DP rank calls it for every parameter in the same order."""
     p = m.param
     if not uses_zero_optimizer(engine):  # fp32 ZeRO-0: parameter and moments are plain tensors
@@ -40,11 +44,18 @@ def full_tensors(engine, m: ParamMap, with_moments: bool) -> dict[str, torch.Ten
         if with_moments:
             state = engine.optimizer.state[p]
             out.update({k: state[k] for k in MOMENTS})
-        return out
+        return out, False
+    if ps.get_data_parallel_world_size() == 1:
+        # nothing to gather: this rank's fragment is the whole tensor (a view of the live state)
+        out = {"model": _local_fragment(p, None)}
+        if with_moments:
+            out.update({k: _local_fragment(p, k) for k in MOMENTS})
+        if all(t is not None and t.numel() == math.prod(m.shape) for t in out.values()):
+            return {k: t.view(m.shape) for k, t in out.items()}, False
     out = {"model": safe_get_full_fp32_param(p)}
     if with_moments:
         out.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
-    return out
+    return out, True
 
 
 def set_weights(engine, m: ParamMap, master: torch.Tensor) -> None:
@@ -60,6 +71,14 @@ def set_weights(engine, m: ParamMap, master: torch.Tensor) -> None:
         p.data.copy_(master)
     if uses_zero_optimizer(engine):
         safe_set_full_fp32_param(p, master)
+
+
+def _local_fragment(p, key: str | None) -> torch.Tensor | None:
+    """This DP rank's fp32 fragment of parameter `p` (master weights if key is None, else a moment)."""
+    if hasattr(p, "ds_id"):  # ZeRO-3
+        return safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+    mapping = getattr(p, "_hp_mapping", None)  # ZeRO-1/2 and bf16: DeepSpeed's low->high precision link
+    return None if mapping is None else mapping.get_hp_fragment(key)
 
 
 def init_moments(engine) -> None:

@@ -99,8 +99,6 @@ class TrainConfig:
     peak_tflops: float = 989.0
     """Dense peak TFLOP/s per device in the training precision, the denominator of MFU
     (989 = H100 SXM bf16). On CPU the reported MFU is not meaningful."""
-    compile: bool = False
-    """torch.compile each transformer layer (GPU)."""
 
 
 @dataclass

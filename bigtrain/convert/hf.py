@@ -320,11 +320,11 @@ def _hf_tensors(src: str, gguf_file: str | None):
         from transformers import AutoConfig, AutoModelForCausalLM
         try:
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
-        except ImportError as e:
-            raise ConversionError(f"reading GGUF needs extra packages: pip install 'bigtrain[gguf]' ({e})") from None
         except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            hint = "; pip install 'bigtrain[gguf]'" if "accelerate" in first or "gguf" in first.lower() else ""
             raise ConversionError(f"{os.path.join(src, gguf_file)}: transformers could not read it as a GGUF model "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                                  f"({type(e).__name__}: {first}{hint})") from None
         hf = model.config.to_dict()
         hf.pop("quantization_config", None)
         state = model.state_dict()
