@@ -24,7 +24,7 @@ class Env:
     local_rank: int
     master_addr: str
     master_port: int
-    launcher: str  # "single" | "torchrun" | "slurm"
+    launcher: str  # "single" | "torchrun" | "submitit" | "slurm" (srun)
 
 
 def first_host(nodelist: str) -> str:
@@ -47,8 +47,9 @@ def _free_port() -> int:
 def launch_env() -> Env:
     e = os.environ
     if "RANK" in e and "WORLD_SIZE" in e:
+        launcher = "submitit" if e.get("SUBMITIT_EXECUTOR") == "slurm" else "torchrun"
         return Env(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
-                   e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "torchrun")
+                   e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), launcher)
     if int(e.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in e and "SLURM_STEP_ID" in e:
         nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "127.0.0.1")
         port = int(e.get("MASTER_PORT", 0)) or 20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000
