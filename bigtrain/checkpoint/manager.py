@@ -151,10 +151,11 @@ class Checkpointer:
 
     # --- save --------------------------------------------------------------------------------------------
 
-    def save(self, step: int, reason: str) -> None:
-        """Snapshot now, write in the background (or now, with checkpoint.async_save=false)."""
+    def save(self, step: int, reason: str) -> float:
+        """Snapshot now, write in the background (or now, with checkpoint.async_save=false). Returns how long
+        training waited (seconds)."""
         if step == self._latest:
-            return
+            return 0.0
         t0 = time.perf_counter()
         self.wait()  # the previous save's write, if it is still going, is part of this stall
         with_moments = S.optimizer_step(self.engine) is not None
@@ -192,6 +193,7 @@ class Checkpointer:
         self._thread.start()
         if not self.cfg.checkpoint.async_save:
             self.close(raise_on_error=False)
+        return time.perf_counter() - t0
 
     def _to_host(self, key: str, t: torch.Tensor, fresh: bool) -> torch.Tensor:
         """A host copy that training cannot change: device tensors go to reused pinned buffers; host tensors

@@ -62,6 +62,14 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     """Train (or resume) the run described by `cfg`."""
     check_restarts(cfg.launch.max_requeues)
+    stop = StopRequest()  # from here on a stop signal is acted on at the first step boundary
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore_handlers()
+
+
+def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     env, device = setup(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(env.rank)
     check_layout(cfg, env.world)
@@ -87,7 +95,6 @@ def train(cfg: Config) -> TrainResult:
     metrics.event("resume" if step else "start", step, world=env.world, launcher=env.launcher,
                   restart=restart_count())
     metrics.scalar("run/restarts", restart_count(), step)
-    stop = StopRequest()
     history = []
 
     while step < cfg.train.steps:
@@ -105,19 +112,17 @@ def train(cfg: Config) -> TrainResult:
             history[-1]["val_loss"] = val_loss
             log.info(f"step {step} | validation loss {val_loss:.4f}")
         if stop.requested():
-            ckpt.save(step, reason=stop.reason)
-            metrics.event("stopped", step, reason=stop.reason)
+            metrics.event("stopped", step, reason=stop.reason, checkpoint_stall_s=ckpt.save(step, stop.reason))
             break
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-            ckpt.save(step, reason="interval")
+            metrics.event("checkpoint", step, stall_s=ckpt.save(step, "interval"))
 
     if step == cfg.train.steps and ckpt.latest_step() != step:
-        ckpt.save(step, reason="end")
+        metrics.event("checkpoint", step, stall_s=ckpt.save(step, "end"))
     ckpt.close()  # waits for background writes: the checkpoint is committed past this line
     if stop.reason:
         metrics.event("requeue", step, action=stop.requeue(cfg.launch.max_requeues), restart=restart_count())
     data.close()
     metrics.close()
     dist.barrier()
-    stop.restore_handlers()
     return TrainResult(history, step, stop.reason)

@@ -105,7 +105,8 @@ class Metrics:
         self.events.flush()
         if self.tb:
             self.tb.add_text("events", json.dumps(rec), step)
-        log.info(f"{kind} at step {step}" + "".join(f" {k}={v}" for k, v in fields.items()))
+        log.info(f"{kind} at step {step}" + "".join(f" {k}={v:.3g}" if isinstance(v, float) else f" {k}={v}"
+                                                   for k, v in fields.items()))
 
     def close(self) -> None:
         if self.enabled:
