@@ -13,7 +13,7 @@ from .errors import BigtrainError
 
 def _train(a):
     from .config import load_config
-    from .launch.preemption import EXIT_REQUEUE
+    from .launch import EXIT_REQUEUE
     from .train import train
     cfg = load_config(a.config, a.overrides)
     if train(cfg).stopped:

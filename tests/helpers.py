@@ -48,12 +48,20 @@ def tiny(data: dict, run_dir: str, *extra: str) -> list[str]:
 
 
 def clean_env(**extra) -> dict:
-    """The environment without torchrun/SLURM rank variables: a child process runs as its own job."""
+    """The environment without torchrun/SLURM rank variables (a child process runs as its own job) and
+    without GPUs (these are the CPU tests, also on a machine that has one)."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_", "SLURM_", "OMP_NUM_THREADS")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PYTHONUNBUFFERED="1", **extra)
+    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **extra)
     return env
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bigtrain(*args: str, nproc: int = 1, timeout: int = 600, check: bool = True, **popen) -> subprocess.CompletedProcess:
@@ -61,12 +69,8 @@ def bigtrain(*args: str, nproc: int = 1, timeout: int = 600, check: bool = True,
     if nproc == 1:
         cmd = [sys.executable, "-m", "bigtrain", *args]
     else:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), "--no-python", "bigtrain", *args]
+               str(free_port()), "--no-python", "bigtrain", *args]
     proc = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout, **popen)
     if check and proc.returncode != 0:

@@ -67,8 +67,7 @@ def main():
     train_step(engine, data.next_batch().to(device), cfg)
     for i in range(a.saves):
         ckpt.save(i + 1, reason="bench")
-        ckpt.wait()  # training goes on meanwhile; saves are minutes apart, so each finds the last one done
-    ckpt.close()
+        ckpt.sync()  # training goes on meanwhile; saves are minutes apart, so each finds the last one done
     if env.rank == 0:
         n = num_params(cfg)
         stats = ckpt.stats

@@ -2,10 +2,12 @@
 
 save(step): every rank snapshots what it owns (fp32 master weights and AdamW moments of its parameters,
 DP-deduplicated; its RNG states) into host memory -- the only time training waits -- and a background
-thread writes it into `checkpoints/.tmp-step-N/`. Rank 0's thread waits until every rank's index file
-is there, writes meta.json, renames the directory to `step-N`, then rewrites `latest` and deletes
-checkpoints beyond `checkpoint.keep`. A crash at any moment leaves either the previous checkpoints or
-the new complete one; an I/O error (a full disk) abandons the new one and says so.
+thread writes it into `checkpoints/.tmp-step-N/`. A second thread on rank 0 waits until every rank's
+index file is there, writes meta.json and renames the directory to `step-N` (the commit), then rewrites
+`latest` and deletes checkpoints beyond `checkpoint.keep`. A crash at any moment leaves either the previous
+checkpoints or the new complete one. The next save (or the end of the run) confirms the outcome on every
+rank with one all-reduce; an I/O error (a full disk) on any rank abandons the new checkpoint and says so,
+and the end of the run saves its last step again if that save was lost.
 
 restore(): the newest complete checkpoint of the run directory (skipping torn ones, with a message),
 else `checkpoint.load`, loaded into whatever layout this run has.
@@ -13,6 +15,7 @@ else `checkpoint.load`, loaded into whatever layout this run has.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -27,6 +30,7 @@ from safetensors.torch import save_file
 
 from ..config import Config, to_dict
 from ..model.layout import ParamMap, param_maps
+from ..parallel.distributed import on_rank0
 from . import state as S
 from .store import (FORMAT, CheckpointError, Reader, fsync_dir, fsync_file, list_steps, resolve, step_dir_name,
                     validate, write_json)
@@ -71,9 +75,13 @@ class Checkpointer:
         self.maps: list[ParamMap] = param_maps(engine.module, cfg.model.tie_embeddings)
         self.layout = dict(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, data=self.dp_size,
                            world=self.world, zero_stage=cfg.parallel.zero_stage)
-        self._latest: int | None = None
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
+        self._latest: int | None = None      # step of the newest save started
+        self._committed: int | None = None   # step of the newest save known to be committed
+        self._writer: threading.Thread | None = None
+        self._committer: threading.Thread | None = None
+        self._abort = threading.Event()
+        self._error: str | None = None       # this rank's write failure
+        self._commit_error: str | None = None
         self._pinned: dict[str, torch.Tensor] = {}
         self.stats: list[dict] = []  # per save: stall seconds, bytes written, write seconds (tools/bench_ckpt.py)
         if self.rank == 0:
@@ -83,8 +91,6 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
 
-    def latest_step(self) -> int | None:
-        return self._latest
 
     # --- restore ---------------------------------------------------------------------------------------
 
@@ -99,48 +105,50 @@ class Checkpointer:
                     log.warning(f"skipping checkpoint {path}: {e}; falling back to the previous one")
         return None
 
+    def _choose(self) -> tuple[str | None, bool]:
+        """(checkpoint to load, whether to resume from it): the run's own newest complete one, else checkpoint.load."""
+        own = self._newest_good()
+        if own:
+            return own, True
+        if self.cfg.checkpoint.load:
+            return resolve(self.cfg.checkpoint.load), self.cfg.checkpoint.load_optimizer
+        return None, False
+
     def restore(self) -> int:
         """Load the checkpoint to continue from; returns the step to continue at (0 = fresh start)."""
-        choice = [None, False]
-        if self.rank == 0:
-            own = self._newest_good()
-            if own:
-                choice = [own, True]
-            elif self.cfg.checkpoint.load:
-                choice = [resolve(self.cfg.checkpoint.load), self.cfg.checkpoint.load_optimizer]
-        dist.broadcast_object_list(choice, src=0)
-        path, resume = choice
+        path, resume = on_rank0(self._choose)
         if path is None:
             return 0
         reader = Reader(path)
         meta = reader.meta
         check_shapes(reader, self.maps)
         for m in self.maps:
-            S.set_weights(self.engine, m, self._read_local(reader, "model", m))
+            S.set_weights(self.engine, m, read_local(reader, "model", m))
         step = 0
         if resume:
             step = meta["step"]
             if meta.get("optimizer_step") is not None:
                 S.init_moments(self.engine)
                 for m in self.maps:
-                    S.set_moments(self.engine, m, {k: self._read_local(reader, k, m) for k in S.MOMENTS})
+                    S.set_moments(self.engine, m, {k: read_local(reader, k, m) for k in S.MOMENTS})
                 S.set_optimizer_step(self.engine, meta["optimizer_step"])
             if meta.get("data") is not None:
                 self.data.load_state_dict(meta["data"])
             self._restore_rng(path, meta)
         reader.close()
-        self._latest = step if resume else None
+        self._latest = self._committed = step if resume else None
         log.info(f"restored {path} (saved on layout {meta['layout']}): "
                  + (f"resuming at step {step}" if resume else "weights only, starting at step 0"))
         return step
 
-    @staticmethod
-    def _read_local(reader: Reader, kind: str, m: ParamMap) -> torch.Tensor:
-        return read_local(reader, kind, m)
-
     def _restore_rng(self, path: str, meta: dict) -> None:
         if meta["layout"] != self.layout:
-            log.info("different parallel layout: RNG states re-seeded from train.seed instead of restored")
+            # per-rank RNG streams don't carry over to another layout (dropout masks are layout-dependent anyway):
+            # start fresh ones from (seed, step) rather than repeat the streams of step 0
+            seed = self.cfg.train.seed + 1_000_003 * meta["step"]
+            torch.manual_seed(seed)
+            tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+            log.info(f"different parallel layout: RNG streams re-seeded from train.seed and step {meta['step']}")
             return
         from safetensors.torch import load_file
         rng = load_file(os.path.join(path, f"rng-{self.rank:05d}.safetensors"))
@@ -152,12 +160,12 @@ class Checkpointer:
     # --- save --------------------------------------------------------------------------------------------
 
     def save(self, step: int, reason: str) -> float:
-        """Snapshot now, write in the background (or now, with checkpoint.async_save=false). Returns how long
-        training waited (seconds)."""
+        """Snapshot now, write in the background (or now, with checkpoint.async_save=false). Collective.
+        Returns how long training waited (seconds), the previous save's unfinished write included."""
         if step == self._latest:
             return 0.0
         t0 = time.perf_counter()
-        self.wait()  # the previous save's write, if it is still going, is part of this stall
+        self.sync()
         with_moments = S.optimizer_step(self.engine) is not None
         if with_moments:
             S.link_moments(self.engine)
@@ -183,16 +191,18 @@ class Checkpointer:
                         optimizer_step=S.optimizer_step(self.engine), data=data_state, config=to_dict(self.cfg))
         stall = time.perf_counter() - t0
         tmp = os.path.join(self.root, ".tmp-" + step_dir_name(step))
-        os.makedirs(tmp, exist_ok=True)
-        self._latest = step
-        self._error = None
+        self._latest, self._error = step, None
         stats = dict(step=step, reason=reason, stall_s=stall, bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
         self.stats.append(stats)
-        self._thread = threading.Thread(target=self._write, name=f"ckpt-{step}", daemon=False,
-                                        args=(tmp, step, tensors, pieces, shapes, self._rng_tensors(), meta, stats))
-        self._thread.start()
+        self._writer = threading.Thread(target=self._write, name=f"ckpt-write-{step}",
+                                        args=(tmp, tensors, pieces, shapes, self._rng_tensors(), stats))
+        self._writer.start()
+        if self.rank == 0:
+            self._abort.clear()
+            self._committer = threading.Thread(target=self._commit, name=f"ckpt-commit-{step}", args=(tmp, step, meta))
+            self._committer.start()
         if not self.cfg.checkpoint.async_save:
-            self.close(raise_on_error=False)
+            self.sync()
         return time.perf_counter() - t0
 
     def _to_host(self, key: str, t: torch.Tensor, fresh: bool) -> torch.Tensor:
@@ -216,9 +226,11 @@ class Checkpointer:
             out[f"tracker/{name}"] = st
         return out
 
-    def _write(self, tmp, step, tensors, pieces, shapes, rng, meta, stats) -> None:
+    def _write(self, tmp, tensors, pieces, shapes, rng, stats) -> None:
+        """Background: this rank's files; its index file, written last, tells rank 0 they are complete."""
         t0 = time.perf_counter()
         try:
+            os.makedirs(tmp, exist_ok=True)
             files = {}
             for name, content in ((f"rank-{self.rank:05d}.safetensors", tensors),
                                   (f"rng-{self.rank:05d}.safetensors", rng)):
@@ -228,57 +240,45 @@ class Checkpointer:
                 os.replace(path + ".part", path)
                 files[name] = os.path.getsize(path)
             write_json(os.path.join(tmp, f"index-{self.rank:05d}.json"), dict(files=files, pieces=pieces, tensors=shapes))
-            if self.rank == 0:
-                self._commit(tmp, step, meta)
             stats["write_s"] = time.perf_counter() - t0
-        except Exception as e:  # I/O errors, a full disk: the previous checkpoints stay as they are
-            self._error = f"checkpoint for step {step} was not saved: {type(e).__name__}: {e}"
-            log.error(self._error + f"; the previous checkpoint ({self._previous(step)}) is intact")
-            try:
-                with open(os.path.join(tmp, f"error-{self.rank:05d}.txt"), "w") as f:
-                    f.write(self._error)
-            except OSError:
-                pass
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _previous(self, step: int) -> str:
-        older = [s for s in list_steps(self.root) if s < step]
-        return step_dir_name(older[0]) if older else "none"
+        except Exception as e:  # I/O errors, a full disk: reported at the next sync(), on every rank
+            self._error = f"{type(e).__name__}: {e}"
 
     def _commit(self, tmp: str, step: int, meta: dict) -> None:
-        deadline = time.monotonic() + 60 * self.cfg.parallel.timeout_minutes
-        indexes = [os.path.join(tmp, f"index-{r:05d}.json") for r in range(self.world)]
-        while not all(os.path.exists(p) for p in indexes):
-            errors = glob.glob(os.path.join(tmp, "error-*.txt"))
-            if errors:
-                with open(errors[0]) as f:
-                    raise OSError(f"rank {errors[0][-9:-4]} failed: {f.read()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks {[r for r, p in enumerate(indexes) if not os.path.exists(p)]} never finished")
-            time.sleep(0.05)
-        import json
-        meta.update(files={}, pieces=[], tensors={})
-        for p in indexes:
-            with open(p) as f:
-                idx = json.load(f)
-            meta["files"].update(idx["files"])
-            meta["pieces"] += idx["pieces"]
-            meta["tensors"].update(idx["tensors"])
-        write_json(os.path.join(tmp, "meta.json"), meta)
-        fsync_dir(tmp)
-        final = os.path.join(self.root, step_dir_name(step))
-        if os.path.exists(final):  # a torn directory of the same step from an earlier crash
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(self.root)
-        with open(os.path.join(self.root, "latest.tmp"), "w") as f:
-            f.write(step_dir_name(step) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
-        fsync_dir(self.root)
-        self._prune(step)
+        """Background, rank 0: once every rank's index is there, publish the checkpoint. Its rename is the
+        commit: before it the checkpoint does not exist, after it it is complete."""
+        try:
+            indexes = [os.path.join(tmp, f"index-{r:05d}.json") for r in range(self.world)]
+            while not all(os.path.exists(p) for p in indexes):
+                if self._abort.wait(0.05):
+                    return  # a rank failed (learnt in sync()): nothing to publish
+            meta.update(files={}, pieces=[], tensors={})
+            for p in indexes:
+                with open(p) as f:
+                    idx = json.load(f)
+                meta["files"].update(idx["files"])
+                meta["pieces"] += idx["pieces"]
+                meta["tensors"].update(idx["tensors"])
+            write_json(os.path.join(tmp, "meta.json"), meta)
+            fsync_dir(tmp)
+            final = os.path.join(self.root, step_dir_name(step))
+            if os.path.exists(final):  # a torn directory of the same step from an earlier crash
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+        except Exception as e:
+            self._commit_error = f"{type(e).__name__}: {e}"
+            return
+        try:  # the checkpoint is complete; what follows only tidies up
+            with open(os.path.join(self.root, "latest.tmp"), "w") as f:
+                f.write(step_dir_name(step) + "\n")  # for people and tools: restore takes the newest complete one
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
+            self._prune(step)
+        except OSError as e:
+            log.warning(f"checkpoint {step_dir_name(step)} is complete, but updating `latest` or deleting old "
+                        f"checkpoints failed: {e}")
 
     def _prune(self, newest: int) -> None:
         kept = 0
@@ -298,19 +298,51 @@ class Checkpointer:
 
     # --- waiting -----------------------------------------------------------------------------------------
 
-    def wait(self) -> None:
-        """Wait for this rank's background write (and, on rank 0, the commit) to finish."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def sync(self) -> str | None:
+        """Collective: wait for the pending save on every rank; returns why it failed (None: committed or
+        nothing pending). Ranks agree by all-reduce, so a rank that could not write (a full disk) is heard
+        even when it cannot write anything to the disk."""
+        if self._writer is None:
+            return None
+        self._writer.join()
+        self._writer = None
+        failed = torch.tensor([1 if self._error else 0], dtype=torch.int32,
+                              device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        errors = [None] * self.world
+        dist.all_gather_object(errors, self._error if failed.item() else None)
+        step = self._latest
+        if self.rank == 0:
+            if failed.item():
+                self._abort.set()
+            self._committer.join()
+            self._committer = None
+            if self._commit_error and not failed.item():
+                errors[0] = self._commit_error
+            self._commit_error = None
+            if any(errors):
+                shutil.rmtree(os.path.join(self.root, ".tmp-" + step_dir_name(step)), ignore_errors=True)
+        box = [next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            self._committed = step
+            return None
+        self._latest = self._committed
+        message = (f"checkpoint for step {step} was not saved ({box[0]}); the previous checkpoint "
+                   f"({step_dir_name(self._committed) if self._committed is not None else 'none'}) is intact")
+        if self.rank == 0:
+            log.error(message)
+        return message
 
-    def close(self, raise_on_error: bool = True) -> None:
-        """Collective: wait until the last checkpoint is committed (or has failed) on every rank."""
-        self.wait()
-        status = [self._error]
-        dist.broadcast_object_list(status, src=0)
-        error = self._error or status[0]
+    def finish(self, step: int) -> float | None:
+        """Collective, at the end of a run: make sure `step` is committed, saving it (again) if the last save
+        was of an earlier step or failed. Returns the stall of that save (None: none was needed); raises
+        CheckpointError when it cannot be saved."""
+        self.sync()
+        if self._committed == step:
+            return None
+        stall = self.save(step, "end")
+        error = self.sync()
         if error:
-            self._latest = None
-            if raise_on_error:
-                raise CheckpointError(error)
+            raise CheckpointError(error)
+        return stall

@@ -25,7 +25,6 @@ from safetensors import safe_open
 from ..errors import BigtrainError
 
 FORMAT = "bigtrain-checkpoint-1"
-KINDS = ("model", "exp_avg", "exp_avg_sq")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -70,8 +69,12 @@ def validate(path: str) -> dict:
         raise CheckpointError(f"{path}: no meta.json (not a bigtrain checkpoint, or its save never completed)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                              f"expected {FORMAT!r}")
+    missing = [k for k in ("step", "files", "pieces", "tensors", "layout", "config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: lacks {', '.join(missing)}")
     for name, size in meta["files"].items():
         fp = os.path.join(path, name)
         try:
@@ -103,9 +106,6 @@ class Reader:
             self.chunks.setdefault((e["kind"], e["name"]), []).append(
                 Chunk(e["file"], e["key"], tuple(e["offsets"]), tuple(e["shape"])))
         self._files: dict[str, object] = {}
-
-    def has(self, kind: str) -> bool:
-        return any(k == kind for k, _ in self.chunks)
 
     def _open(self, file: str):
         if file not in self._files:

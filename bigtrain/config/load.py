@@ -44,18 +44,26 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def parse_override(item: str) -> tuple[str, Any]:
+class _Override:
+    """A command-line value: read as YAML (numbers, booleans, lists), except where the key is a string,
+    which takes the text as typed (run.dir=010 stays '010', not 8)."""
+
+    def __init__(self, raw: str):
+        self.raw = raw
+        try:
+            self.value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            self.value = raw
+
+
+def parse_override(item: str) -> tuple[str, _Override]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value (e.g. train.steps=20)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+    return key, _Override(raw)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -107,6 +115,8 @@ def _type_name(tp) -> str:
 
 
 def _coerce(tp, value, key):
+    if isinstance(value, _Override):
+        value = value.raw if tp is str else value.value
     origin = get_origin(tp)
     bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Union:  # Optional[X]
@@ -172,7 +182,7 @@ def check(cfg: Config) -> None:
     need(m.hidden_size % m.num_attention_heads == 0,
          f"config key 'model.hidden_size': {m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
     kv = m.num_kv_heads or m.num_attention_heads
-    need(m.num_kv_heads >= 0 and m.num_attention_heads % kv == 0,
+    need(m.num_kv_heads >= 0 and m.num_attention_heads % max(kv, 1) == 0,
          f"config key 'model.num_kv_heads': {m.num_kv_heads} must divide model.num_attention_heads={m.num_attention_heads}")
     need(0 <= p.zero_stage <= 3, f"config key 'parallel.zero_stage': expected 0, 1, 2 or 3, got {p.zero_stage}")
     need(t.global_batch_size % t.micro_batch_size == 0,
@@ -185,8 +195,24 @@ def check(cfg: Config) -> None:
          "config key 'parallel.sequence_parallel': needs parallel.tensor > 1")
     need(not p.sequence_parallel or m.seq_length % p.tensor == 0,
          f"config key 'parallel.sequence_parallel': model.seq_length={m.seq_length} must be a multiple of parallel.tensor={p.tensor}")
-    need(t.grad_clip >= 0, f"config key 'train.grad_clip': expected >= 0, got {t.grad_clip}")
-    need(cfg.checkpoint.keep >= 1, f"config key 'checkpoint.keep': expected >= 1, got {cfg.checkpoint.keep}")
+    for key, v in [("model.vocab_pad_multiple", m.vocab_pad_multiple), ("model.ffn_multiple_of", m.ffn_multiple_of),
+                   ("train.eval_batches", t.eval_batches), ("checkpoint.keep", cfg.checkpoint.keep)]:
+        need(v >= 1, f"config key '{key}': expected a positive integer, got {v}")
+    for key, v in [("train.warmup_steps", t.warmup_steps), ("train.decay_steps", t.decay_steps),
+                   ("train.eval_interval", t.eval_interval), ("checkpoint.interval", cfg.checkpoint.interval),
+                   ("data.lanes", cfg.data.lanes), ("data.num_workers", cfg.data.num_workers),
+                   ("model.num_kv_heads", m.num_kv_heads), ("model.ffn_hidden_size", m.ffn_hidden_size),
+                   ("launch.max_requeues", cfg.launch.max_requeues), ("train.grad_clip", t.grad_clip),
+                   ("train.weight_decay", t.weight_decay), ("train.min_lr", t.min_lr)]:
+        need(v >= 0, f"config key '{key}': expected >= 0, got {v}")
+    for key, v in [("train.lr", t.lr), ("train.peak_tflops", t.peak_tflops), ("train.adam_eps", t.adam_eps),
+                   ("model.init_std", m.init_std), ("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
+                   ("parallel.timeout_minutes", p.timeout_minutes), ("launch.signal_seconds", cfg.launch.signal_seconds)]:
+        need(v > 0, f"config key '{key}': expected > 0, got {v}")
+    for key, v in [("train.beta1", t.beta1), ("train.beta2", t.beta2), ("model.hidden_dropout", m.hidden_dropout),
+                   ("model.attention_dropout", m.attention_dropout)]:
+        need(0 <= v < 1, f"config key '{key}': expected a value in [0, 1), got {v}")
+    need(t.min_lr <= t.lr, f"config key 'train.min_lr': {t.min_lr} is above train.lr={t.lr}")
     need(0 <= cfg.data.max_skip_fraction <= 1,
          f"config key 'data.max_skip_fraction': expected a fraction in [0, 1], got {cfg.data.max_skip_fraction}")
     for i, s in enumerate(cfg.data.sources):

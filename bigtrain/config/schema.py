@@ -145,8 +145,8 @@ class DataConfig:
     sizes that divide it read disjoint shards."""
     max_skip_fraction: float = 0.05
     """Stop the run when corrupt or unreadable tar members skipped so far exceed this fraction of the members
-    read (counted over at least 1,000 members, so a few early bad ones don't stop a run; a lost shard counts
-    all its members)."""
+    read (each data-parallel rank counts the lanes it reads, over at least 1,000 members, so a few early bad
+    ones don't stop a run; a lost shard counts all its members)."""
     num_workers: int = 0
     """Background loader processes per rank (0 = read in the training process)."""
     prepare: Literal["", "stdlib"] = ""
@@ -174,7 +174,8 @@ class LaunchConfig:
     max_requeues: int = 20
     """Most times a SLURM job requeues itself after a preemption or time limit."""
     signal_seconds: int = 120
-    """Seconds before the time limit SLURM sends the checkpoint signal (`--signal=USR1@N`)."""
+    """Seconds before the time limit SLURM sends the checkpoint signal, for `bigtrain submit` (submitit's
+    `--signal=USR2@N`); the sbatch files in slurm/ set their own `--signal=USR1@120`."""
 
 
 @dataclass

@@ -90,6 +90,10 @@ def model_from_hf(hf: dict, where: str) -> tuple[ModelConfig, dict]:
                               "RMSNorm, SwiGLU (silu), RoPE with rope_type 'default', grouped-query attention, no "
                               "biases, head_dim = hidden_size / num_attention_heads, tied or untied embeddings)")
 
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if k not in hf]
+    if missing:
+        refuse(f"config lacks {', '.join(missing)}")
     if hf.get("model_type") != "llama" or (hf.get("architectures") or ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
         refuse(f"model_type {hf.get('model_type')!r} / architectures {hf.get('architectures')} is not Llama")
     from transformers import LlamaConfig
@@ -314,10 +318,23 @@ def _export_tokenizer(path: str, tok, out: str, max_length: int) -> None:
 
 # --- from-hf ------------------------------------------------------------------------------------------------
 
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read it ({e.strerror}; {what})") from None
+    except ValueError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
+
+
 def _hf_tensors(src: str, gguf_file: str | None):
     """(HF config dict, {name: callable returning the tensor}) for safetensors, .bin or GGUF weights."""
     if gguf_file:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
         try:
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
         except Exception as e:
@@ -329,14 +346,9 @@ def _hf_tensors(src: str, gguf_file: str | None):
         hf.pop("quantization_config", None)
         state = model.state_dict()
         return hf, {k: (lambda k=k: state[k]) for k in state}
-    cfg_path = os.path.join(src, "config.json")
-    try:
-        with open(cfg_path) as f:
-            hf = json.load(f)
-    except OSError:
-        raise ConversionError(f"{src}: no config.json (expected a Hugging Face model directory, or --gguf-file)") from None
+    hf = _read_json(os.path.join(src, "config.json"), "expected a Hugging Face model directory, or --gguf-file")
     index = os.path.join(src, "model.safetensors.index.json")
-    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
+    files = (sorted(set(_read_json(index, "a safetensors index")["weight_map"].values())) if os.path.exists(index)
              else ["model.safetensors"] if os.path.exists(os.path.join(src, "model.safetensors")) else [])
     getters = {}
     if files:

@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import traceback
 from dataclasses import dataclass, field
 
@@ -73,6 +74,9 @@ def open_source(path: str, name: str = "", weight: float = 1.0) -> Source:
             raise BigtrainError(f"{mpath}: unreadable ({e})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise BigtrainError(f"{mpath}: not a bigtrain shard manifest (format {m.get('format') if isinstance(m, dict) else m!r})")
+        missing = [k for k in ("seq_len", "vocab_size", "tokenizer", "shards") if k not in m]
+        if missing:
+            raise BigtrainError(f"{mpath}: manifest lacks {', '.join(missing)}")
         if not m["shards"]:
             raise BigtrainError(f"{mpath}: lists no shards")
         return Source(name, path, weight, [os.path.join(path, s["name"]) for s in m["shards"]], m,
@@ -394,6 +398,10 @@ def _produce(spec: dict, lanes: list[int], states: dict, a: int):
 
 
 def _worker(spec, lanes, states, a, q, stop):
+    # SLURM signals every process of the job step (time limit, preemption): the trainer acts on them and
+    # stops its workers itself; a worker killed by one would end the run without its checkpoint
+    for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     try:
         for msg in _produce(spec, lanes, states, a):
             while not stop.is_set():

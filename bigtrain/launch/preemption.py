@@ -27,7 +27,6 @@ log = logging.getLogger("bigtrain")
 
 TIME_LIMIT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = TIME_LIMIT_SIGNALS + (signal.SIGTERM,)
-EXIT_REQUEUE = 75
 
 
 def restart_count() -> int:

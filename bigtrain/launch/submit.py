@@ -39,8 +39,8 @@ import threading
 import time
 
 from ..errors import BigtrainError
+from . import EXIT_REQUEUE
 
-EXIT_REQUEUE = 75  # = preemption.EXIT_REQUEUE (not imported here: that module imports torch)
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE")
 _SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
@@ -261,6 +261,8 @@ def validate(a):
 def submit(a) -> None:
     cfg = validate(a)
     folder = os.path.abspath(a.folder or os.path.join(cfg.run.dir, "slurm"))
+    _check_value("folder (from run.dir)", folder)
+    _check_value("chdir (the current directory)", os.getcwd())
     executor = make_executor(a, cfg, folder)
     if a.dry_run:
         sys.stdout.write(sbatch_script(executor))

@@ -102,3 +102,19 @@ def init_model_parallel(tensor: int, pipeline: int, seed: int) -> None:
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def on_rank0(fn, *args):
+    """Run `fn(*args)` on rank 0 only and hand its result to every rank. A BigtrainError raised there is
+    raised on every rank (otherwise the others would wait for rank 0 in their next collective)."""
+    from ..errors import BigtrainError
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn(*args)
+        except BigtrainError as e:
+            box[1] = e
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]

@@ -14,11 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..config import Config, ConfigError, padded_vocab
-
-
-def dp_size(cfg: Config, world: int) -> int:
-    return world // (cfg.parallel.tensor * cfg.parallel.pipeline)
+from ..config import Config, ConfigError, ffn_size, padded_vocab
 
 
 def check_layout(cfg: Config, world: int) -> None:
@@ -32,6 +28,9 @@ def check_layout(cfg: Config, world: int) -> None:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+    if ffn_size(cfg.model) % p.tensor:
+        raise ConfigError(f"config key 'parallel.tensor': {p.tensor} must divide the SwiGLU size {ffn_size(cfg.model)} "
+                          "(model.ffn_hidden_size)")
     if padded_vocab(cfg.model) % p.tensor:
         raise ConfigError(f"config key 'model.vocab_pad_multiple': the padded vocabulary "
                           f"{padded_vocab(cfg.model)} must be divisible by parallel.tensor={p.tensor}")

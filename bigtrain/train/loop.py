@@ -23,6 +23,7 @@ from ..data.corpus import prepare as prepare_corpus
 from ..launch.preemption import StopRequest, check_restarts, restart_count
 from ..model import build_model
 from ..parallel import build_engine, check_layout, forward_backward, init_model_parallel, setup, train_step
+from ..parallel.distributed import on_rank0
 from .metrics import Metrics, setup_logging
 
 log = logging.getLogger("bigtrain")
@@ -44,6 +45,7 @@ def set_lr(engine, lr: float) -> None:
 
 
 def evaluate(engine, valid, cfg: Config) -> float:
+    """Mean token loss over `train.eval_batches` global batches from the start of the validation data."""
     engine.eval()
     with torch.no_grad():
         losses = [forward_backward(engine, batch.to(engine.device), cfg, forward_only=True)
@@ -73,56 +75,60 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     env, device = setup(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(env.rank)
     check_layout(cfg, env.world)
-    if cfg.data.prepare and env.rank == 0:
-        prepare_corpus(cfg)
-    dist.barrier()
+    if cfg.data.prepare:
+        on_rank0(prepare_corpus, cfg)
     check_manifest(cfg)
     init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     if env.rank == 0:
         os.makedirs(cfg.run.dir, exist_ok=True)
         dump(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-    log.info(f"{env.world} ranks ({env.launcher}, {device.type}): TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline} "
+    log.info(f"run {cfg.run.name or os.path.basename(os.path.abspath(cfg.run.dir))}: "
+             f"{env.world} ranks ({env.launcher}, {device.type}): TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline} "
              f"DP={ps.get_data_parallel_world_size()} ZeRO-{cfg.parallel.zero_stage} {cfg.train.precision}")
 
     engine = build_engine(build_model(cfg), cfg)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     data = build_train_source(cfg, dp_rank, dp_size)
     valid = build_validation_source(cfg, dp_rank, dp_size)
-    ckpt = Checkpointer(cfg, engine, data)
-    step = ckpt.restore()
-    metrics = Metrics(cfg, env.rank, env.world, step)
-    metrics.event("resume" if step else "start", step, world=env.world, launcher=env.launcher,
-                  restart=restart_count())
-    metrics.scalar("run/restarts", restart_count(), step)
-    history = []
+    metrics = None
+    try:
+        ckpt = Checkpointer(cfg, engine, data)
+        step = ckpt.restore()
+        metrics = Metrics(cfg, env.rank, env.world, step)
+        metrics.event("resume" if step else "start", step, world=env.world, launcher=env.launcher,
+                      restart=restart_count())
+        metrics.scalar("run/restarts", restart_count(), step)
+        history = []
 
-    while step < cfg.train.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        set_lr(engine, lr)
-        batch = data.next_batch().to(device, non_blocking=True)
-        loss, grad_norm = train_step(engine, batch, cfg)
-        step += 1
-        history.append(metrics.step(step, loss, lr, grad_norm, time.perf_counter() - t0))
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            set_lr(engine, lr)
+            batch = data.next_batch().to(device, non_blocking=True)
+            loss, grad_norm = train_step(engine, batch, cfg)
+            step += 1
+            seconds = time.perf_counter() - t0
+            stopping = step < cfg.train.steps and stop.requested()  # at the last step the run is done anyway
+            extra = {}
+            if valid is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and not stopping:
+                extra["val_loss"] = evaluate(engine, valid, cfg)
+                metrics.scalar("val/loss", extra["val_loss"], step)
+            history.append(metrics.step(step, loss, lr, grad_norm, seconds, **extra))
+            if stopping:
+                metrics.event("stopped", step, reason=stop.reason, checkpoint_stall_s=ckpt.save(step, stop.reason))
+                break
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                metrics.event("checkpoint", step, stall_s=ckpt.save(step, "interval"))
 
-        if valid is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-            val_loss = evaluate(engine, valid, cfg)
-            metrics.scalar("val/loss", val_loss, step)
-            history[-1]["val_loss"] = val_loss
-            log.info(f"step {step} | validation loss {val_loss:.4f}")
-        if stop.requested():
-            metrics.event("stopped", step, reason=stop.reason, checkpoint_stall_s=ckpt.save(step, stop.reason))
-            break
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-            metrics.event("checkpoint", step, stall_s=ckpt.save(step, "interval"))
-
-    if step == cfg.train.steps and ckpt.latest_step() != step:
-        metrics.event("checkpoint", step, stall_s=ckpt.save(step, "end"))
-    ckpt.close()  # waits for background writes: the checkpoint is committed past this line
-    if stop.reason:
-        metrics.event("requeue", step, action=stop.requeue(cfg.launch.max_requeues), restart=restart_count())
-    data.close()
-    metrics.close()
+        stall = ckpt.finish(step)  # the checkpoint of `step` is committed past this line (saved again if it failed)
+        if stall is not None:
+            metrics.event("checkpoint", step, stall_s=stall)
+        if stop.reason:
+            metrics.event("requeue", step, action=stop.requeue(cfg.launch.max_requeues), restart=restart_count())
+    finally:
+        data.close()
+        if metrics is not None:
+            metrics.close()
     dist.barrier()
     return TrainResult(history, step, stop.reason)

@@ -84,12 +84,13 @@ class Metrics:
         self.metrics.flush()
         if self.tb:
             for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                if k not in ("step", "val_loss") and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"train/{k}", v, step)
-        if step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps:
+        if step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps or "val_loss" in extra:
             log.info(f"step {step}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | gnorm {grad_norm:.3f} | "
                      f"{tokens_per_s:,.0f} tok/s | {tflops:.1f} TFLOP/s/dev | MFU {100 * rec['mfu']:.1f}% | "
-                     f"mem {rec['mem_gib']:.2f} GiB | {seconds:.2f} s")
+                     f"mem {rec['mem_gib']:.2f} GiB | {seconds:.2f} s"
+                     + (f" | validation loss {extra['val_loss']:.4f}" if "val_loss" in extra else ""))
         return rec
 
     def scalar(self, name: str, value: float, step: int) -> None:

@@ -19,8 +19,9 @@ os.makedirs(CACHE, exist_ok=True)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "world(n): run only in the torchrun session of n ranks")
-    if config.option.basetemp is None:
-        config.option.basetemp = os.path.join(tempfile.gettempdir(), f"bigtrain-dist-{os.getpid()}-rank{RANK}")
+    if config.option.basetemp is None:  # one per rank: pytest empties its basetemp at start
+        root = os.environ.get("BIGTRAIN_DIST_BASETEMP") or tempfile.mkdtemp(prefix="bigtrain-dist-")
+        config.option.basetemp = os.path.join(root, f"rank{RANK}")
     from bigtrain.parallel.distributed import setup
     setup("gloo", timeout_minutes=10)
 

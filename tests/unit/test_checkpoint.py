@@ -85,18 +85,21 @@ def test_kill9_at_random_moments_resumes_bit_for_bit(data, reference, tmp_path):
     assert events.count("resume") >= 1
 
 
-def test_stop_signal_saves_at_step_boundary_and_resumes(data, reference, tmp_path):
-    """SIGUSR1 (what SLURM sends before a time limit): checkpoint at the next step boundary, exit 75;
-    the next start resumes there and finishes identically."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_stop_signal_saves_at_step_boundary_and_resumes(sig, data, reference, tmp_path):
+    """SIGUSR1 (SLURM before a time limit) or SIGTERM (preemption, scancel): checkpoint at the next step
+    boundary, exit 75; the next start resumes there and finishes identically."""
     run_dir = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "bigtrain", "train", os.devnull, *overrides(data, run_dir, "checkpoint.interval=0")]
     proc = subprocess.Popen(cmd, env=helpers.clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while not (os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(helpers.losses(run_dir)) >= 3):
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out
+    stopped = [json.loads(line) for line in open(os.path.join(run_dir, "events.jsonl")) if '"stopped"' in line]
+    assert len(stopped) == 1 and stopped[0]["reason"] == sig.name
     stopped_at = len(helpers.losses(run_dir))
     assert stopped_at < STEPS
     assert step_dirs(run_dir) == [f"step-{stopped_at:08d}"]
@@ -172,6 +175,7 @@ def test_load_from_another_run_without_pickle(data, reference, tmp_path, monkeyp
         raise AssertionError("checkpoint loading unpickled something")
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
     monkeypatch.setattr(torch, "load", refuse)
 
     resumed = run_inprocess(data, str(tmp_path / "resume"), f"checkpoint.load={ckpt_root(src)}/step-00000018")

@@ -56,12 +56,21 @@ def test_misspelled_override_is_one_line_error(tmp_path):
     ("trian.steps=3", "unknown config key 'trian' (did you mean 'train'?)"),
     ("train.global_batch_size=12", "train.global_batch_size': 12 is not a multiple of train.micro_batch_size=8"),
     ("data.sources=[{path: x, weigth: 2}]", "unknown config key 'data.sources[0].weigth' (did you mean 'data.sources[0].weight'?)"),
+    ("data.lanes=-1", "config key 'data.lanes': expected >= 0, got -1"),
+    ("train.peak_tflops=0", "config key 'train.peak_tflops': expected > 0, got 0.0"),
+    ("train.min_lr=1.0", "config key 'train.min_lr': 1.0 is above train.lr=0.003"),
+    ("model.hidden_dropout=1.5", "config key 'model.hidden_dropout': expected a value in [0, 1), got 1.5"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(os.path.join(REPO, "configs/tiny.yaml"), [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_string_overrides_keep_their_text():
+    cfg = load_config(None, ["run.dir=010", "run.name=1.10", "data.tokenizer=12:30", "train.steps=7"])
+    assert (cfg.run.dir, cfg.run.name, cfg.data.tokenizer, cfg.train.steps) == ("010", "1.10", "12:30", 7)
 
 
 @pytest.mark.parametrize("overrides, world, message", [
