@@ -169,7 +169,7 @@ def test_smollm2_import_train_export(smollm2, tmp_path):
     run = str(tmp_path / "run")
     helpers.bigtrain("train", os.path.join(imported, "model.yaml"), f"run.dir={run}", f"checkpoint.load={imported}",
                      "model.seq_length=128", "train.precision=fp32", "train.steps=3", "train.micro_batch_size=2",
-                     "train.global_batch_size=4", "train.lr=1e-5", "train.warmup_steps=1", "data.lanes=4",
+                     "train.global_batch_size=4", "train.lr=1e-5", "train.min_lr=1e-6", "train.warmup_steps=1", "data.lanes=4",
                      f"data.tokenizer={os.path.join(smollm2, 'tokenizer', 'tokenizer.json')}",
                      f"data.sources=[{{path: {shards}}}]")
     losses = helpers.losses(run)
