@@ -32,8 +32,8 @@ from ..config import Config, to_dict
 from ..model.layout import ParamMap, param_maps
 from ..parallel.distributed import on_rank0
 from . import state as S
-from .store import (FORMAT, CheckpointError, Reader, fsync_dir, fsync_file, list_steps, resolve, step_dir_name,
-                    validate, write_json)
+from .store import (FORMAT, CheckpointError, Reader, fsync_dir, fsync_file, list_steps, newest_complete, resolve,
+                    step_dir_name, validate, write_json)
 
 log = logging.getLogger("bigtrain")
 
@@ -91,23 +91,12 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
 
-
     # --- restore ---------------------------------------------------------------------------------------
-
-    def _newest_good(self) -> str | None:
-        for step in list_steps(self.root):
-            path = os.path.join(self.root, step_dir_name(step))
-            try:
-                validate(path)
-                return path
-            except CheckpointError as e:
-                if self.rank == 0:
-                    log.warning(f"skipping checkpoint {path}: {e}; falling back to the previous one")
-        return None
 
     def _choose(self) -> tuple[str | None, bool]:
         """(checkpoint to load, whether to resume from it): the run's own newest complete one, else checkpoint.load."""
-        own = self._newest_good()
+        own = newest_complete(self.root, lambda path, e: log.warning(
+            f"skipping checkpoint {path}: {e}; falling back to the previous one"))
         if own:
             return own, True
         if self.cfg.checkpoint.load:

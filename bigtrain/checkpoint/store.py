@@ -146,6 +146,20 @@ def list_steps(ckpt_root: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
+def newest_complete(root: str, on_skip=None) -> str | None:
+    """The newest complete checkpoint directory under `root`; `on_skip(path, error)` hears of each newer
+    one that is not complete."""
+    for step in list_steps(root):
+        cand = os.path.join(root, step_dir_name(step))
+        try:
+            validate(cand)
+            return cand
+        except CheckpointError as e:
+            if on_skip is not None:
+                on_skip(cand, e)
+    return None
+
+
 def resolve(path: str) -> str:
     """A checkpoint directory given itself, a run directory, or a run's checkpoints/ directory:
     the newest complete checkpoint in it."""
@@ -153,14 +167,9 @@ def resolve(path: str) -> str:
         validate(path)
         return path
     for root in (os.path.join(path, "checkpoints"), path):
-        steps = list_steps(root)
-        for s in steps:
-            cand = os.path.join(root, step_dir_name(s))
-            try:
-                validate(cand)
-                return cand
-            except CheckpointError:
-                continue
-        if steps:
-            raise CheckpointError(f"{root}: no complete checkpoint among {len(steps)} step directories")
+        found = newest_complete(root)
+        if found:
+            return found
+        if list_steps(root):
+            raise CheckpointError(f"{root}: no complete checkpoint among {len(list_steps(root))} step directories")
     raise CheckpointError(f"{path}: not a checkpoint, run directory or checkpoints directory")

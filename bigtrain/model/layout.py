@@ -31,7 +31,7 @@ class ParamMap:
     shape: tuple[int, ...]     # this rank's tensor (its TP shard)
     full_shape: tuple[int, ...]
     pieces: list[Piece]
-    owner: bool                # this rank is the one (within its TP group and stage pair) that saves it
+    owner: bool                # this rank's copy is the one that counts (see counted_once): it saves it
 
 
 def global_name(local_name: str, layer_offset: int, tied: bool) -> str:
@@ -71,17 +71,22 @@ def pieces_of(param: torch.Tensor) -> tuple[tuple[int, ...], list[Piece]]:
     return tuple(full), pieces
 
 
+def counted_once(param: torch.Tensor) -> bool:
+    """Whether this rank's copy of `param` is the one that counts (in norms, in checkpoints): TP-sharded
+    tensors on every TP rank, replicated ones on TP rank 0, and never the last pipeline stage's copy of a
+    tied embedding (megatron marks that copy `shared`)."""
+    if getattr(param, "shared", False):
+        return False
+    return getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_rank() == 0
+
+
 def param_maps(model: torch.nn.Module, tied: bool) -> list[ParamMap]:
     """This rank's parameters, in model order, with their place in the full model."""
     offset = get_transformer_layer_offset(model.config)
-    tp_rank = ps.get_tensor_model_parallel_rank()
     maps = []
     for local, p in model.named_parameters():
         full, pieces = pieces_of(p)
-        replicated_copy = getattr(p, "ds_pipe_replicated", False) or (
-            tied and local == "output_layer.weight" and not ps.is_pipeline_first_stage())
-        owner = not replicated_copy and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
-        maps.append(ParamMap(local, global_name(local, offset, tied), p, local_shape(p), full, pieces, owner))
+        maps.append(ParamMap(local, global_name(local, offset, tied), p, local_shape(p), full, pieces, counted_once(p)))
     return maps
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..config import Config, ConfigError, ffn_size, padded_vocab
+from ..model.layout import counted_once
 
 
 def check_layout(cfg: Config, world: int) -> None:
@@ -119,12 +120,9 @@ def grad_norm(params) -> float:
     """Global L2 norm of the gradients of this rank's `params`, each counted once over TP x PP x DP:
     TP-sharded tensors on every TP rank, replicated ones on TP rank 0, the last stage's copy of a tied
     embedding not at all. Gradients must already be averaged over data-parallel ranks."""
-    tp_rank = ps.get_tensor_model_parallel_rank()
     sq = torch.zeros((), dtype=torch.float64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
     for p in params:
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+        if p.grad is not None and counted_once(p):
             sq += p.grad.detach().double().square().sum()
     dist.all_reduce(sq, group=ps.get_model_parallel_group())
     return sq.sqrt().item()
@@ -159,9 +157,9 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     import deepspeed
 
     dp = ps.get_data_parallel_world_size()
-    if cfg.model.tie_embeddings and cfg.parallel.pipeline > 1 and ps.is_pipeline_last_stage():
-        # the last stage's copy of the tied embedding: count it once in the global gradient norm
-        model.output_layer.weight.ds_pipe_replicated = True
+    for p in model.parameters():
+        if getattr(p, "shared", False):  # the last stage's copy of a tied embedding: DeepSpeed's norms skip it
+            p.ds_pipe_replicated = True
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                            config=deepspeed_config(cfg, dp), mpu=MegatronMPU,
                                            dist_init_required=False)
