@@ -23,6 +23,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "psutil>=5.9",
+        "xxhash>=3.0",   # checkpoint file and shard member checksums (xxh3)
     ],
     extras_require={
         # `bigtrain convert from-hf --gguf-file`: transformers dequantises GGUF weights with these

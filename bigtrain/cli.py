@@ -13,9 +13,13 @@ from .errors import BigtrainError
 
 def _train(a):
     from .config import load_config
-    from .launch import EXIT_REQUEUE
-    from .train import train
+    from .parallel.env import env_rank
+    from .train import lock
+    from .train.stop import EXIT_REQUEUE
     cfg = load_config(a.config, a.overrides)
+    if env_rank() == 0:  # a run directory in use is refused here, before the slow imports (torch, megatron)
+        lock.acquire(cfg.run.dir)
+    from .train import train
     if train(cfg).stopped:
         sys.exit(EXIT_REQUEUE)  # checkpointed and stopped early: come back later
 
@@ -127,3 +131,11 @@ def main(argv=None) -> None:
     except BigtrainError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.filename is None:  # not about a file: a bug or a network error keeps its traceback
+            raise
+        print(f"bigtrain: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("bigtrain: interrupted", file=sys.stderr)
+        sys.exit(130)

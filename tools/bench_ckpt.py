@@ -1,19 +1,24 @@
-"""Checkpoint benchmark: how long a save stalls training, and how fast the background write goes.
+"""Checkpoint benchmark: how long a save stalls training, how fast the background write goes, what the integrity
+checks cost, and how long a restore takes with and without checksum verification.
 
 Builds a Llama-shaped model through the real stack (megatron-core model, DeepSpeed engine, the real data
 loader over freshly written shards), trains one step so AdamW state exists, then saves --saves times through
 bigtrain's Checkpointer and reports, per save, the stall (the time `save()` blocks the training loop: the
-host snapshot) and the background write rate. Runs as one process or under torchrun.
+host snapshot), the background write rate and, inside it, the time of the non-finite check and of hashing
+(xxh3-128). Then it restores the newest checkpoint --restores times each with `checkpoint.verify` on and off.
+Runs as one process or under torchrun.
 
     python tools/bench_ckpt.py                                   # CPU: ~85M parameters, fp32
     python tools/bench_ckpt.py --preset tinyllama-1.1b           # GPU: TinyLlama 1.1B shape, bf16
-Last line: stall_s=<median> write_GBps=<median> bytes=<per save, all ranks> params=<N>
+Last lines: checks_share_of_write=<(check+hash)/write> restore_verify_ratio=<restore with / without verify>
+            stall_s=<median> write_GBps=<median> bytes=<per save, all ranks> params=<N>
 """
 import argparse
 import os
 import statistics
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -32,6 +37,7 @@ def main():
     p.add_argument("--preset", default="tinyllama-1.1b" if torch.cuda.is_available() else "cpu-85m", choices=PRESETS)
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--saves", type=int, default=3)
+    p.add_argument("--restores", type=int, default=3)
     p.add_argument("--workdir", default=None, help="where shards and checkpoints go (default: a temp dir)")
     p.add_argument("overrides", nargs="*", help="extra bigtrain config overrides")
     a = p.parse_args()
@@ -68,12 +74,26 @@ def main():
     for i in range(a.saves):
         ckpt.save(i + 1, reason="bench")
         ckpt.sync()  # training goes on meanwhile; saves are minutes apart, so each finds the last one done
+    restore = {True: [], False: []}
+    for _ in range(a.restores):
+        for check in (True, False):  # interleaved, so that the page cache treats both alike
+            cfg.checkpoint.verify = check
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            ckpt.restore()
+            restore[check].append(time.perf_counter() - t0)
     if env.rank == 0:
         n = num_params(cfg)
         stats = ckpt.stats
         for st in stats:
             print(f"save {st['step']}: stall {st['stall_s']:.3f} s, rank-0 bytes {st['bytes'] / 1e9:.3f} GB, "
-                  f"background write {st['write_s']:.2f} s ({st['bytes'] / st['write_s'] / 1e9:.2f} GB/s per rank)")
+                  f"background write {st['write_s']:.2f} s ({st['bytes'] / st['write_s'] / 1e9:.2f} GB/s per rank), "
+                  f"of which non-finite check {st['check_s']:.3f} s, hashing {st['hash_s']:.3f} s")
+        checks = statistics.median((st["check_s"] + st["hash_s"]) / st["write_s"] for st in stats)
+        with_v, without = statistics.median(restore[True]), statistics.median(restore[False])
+        print(f"restore: {with_v:.3f} s with checksum verification, {without:.3f} s without (median of "
+              f"{a.restores})")
+        print(f"checks_share_of_write={checks:.3f} restore_verify_ratio={with_v / without:.3f}")
         from bigtrain.checkpoint import resolve, validate
         total = sum(validate(resolve(os.path.join(work, "run")))["files"].values())
         print(f"device={device.type} ranks={env.world} preset={a.preset} zero={a.zero} params={n / 1e6:.1f}M")

@@ -1,16 +1,21 @@
-"""Saving and restoring runs: atomic, asynchronous, resharding on load.
+"""Saving and restoring runs: atomic, asynchronous, verified, resharding on load.
 
 save(step): every rank snapshots what it owns (fp32 master weights and AdamW moments of its parameters,
 DP-deduplicated; its RNG states) into host memory -- the only time training waits -- and a background
-thread writes it into `checkpoints/.tmp-step-N/`. A second thread on rank 0 waits until every rank's
-index file is there, writes meta.json and renames the directory to `step-N` (the commit), then rewrites
-`latest` and deletes checkpoints beyond `checkpoint.keep`. A crash at any moment leaves either the previous
-checkpoints or the new complete one. The next save (or the end of the run) confirms the outcome on every
-rank with one all-reduce; an I/O error (a full disk) on any rank abandons the new checkpoint and says so,
-and the end of the run saves its last step again if that save was lost.
+thread checks that every value is finite (a checkpoint of garbage is never written), writes the files into
+`checkpoints/.tmp-step-N/` and hashes them. A second thread on rank 0 waits until every rank's index file is
+there, writes meta.json and renames the directory to `step-N` (the commit), then rewrites `latest` and prunes:
+the newest `checkpoint.keep` are kept, and the newest healthy one besides while newer ones are not. A crash
+at any moment leaves either the previous checkpoints or the new complete one. Once every rank's writer is
+done (the training loop asks each step, `ready()`), `sync()` confirms the outcome on every rank -- committed,
+or failed with the reason (an I/O error such as a full disk on any rank abandons the new checkpoint); each
+outcome is queued for the loop to report (`outcomes`). The end of the run saves its last step again if that
+save was lost. Every background thread is a daemon and `close()` stops waiting for them, so no failure path
+ever hangs the process.
 
-restore(): the newest complete checkpoint of the run directory (skipping torn ones, with a message),
-else `checkpoint.load`, loaded into whatever layout this run has.
+restore(): the newest complete checkpoint of the run directory whose files match their checksums (torn or
+corrupt ones are skipped with a message; all ranks share the hashing), else `checkpoint.load`, loaded into
+whatever layout this run has.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,14 +34,17 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path, atomic_write, fsync_dir, write_json
 from ..config import Config, to_dict
 from ..model.layout import ParamMap, param_maps
 from ..parallel.distributed import on_rank0
 from . import state as S
-from .store import (FORMAT, CheckpointError, Reader, fsync_dir, fsync_file, list_steps, newest_complete, resolve,
-                    step_dir_name, validate, write_json)
+from .store import (FORMAT, CheckpointError, Reader, complete, file_checksum, healthy, list_steps, resolve,
+                    step_dir_name, validate, verify)
 
 log = logging.getLogger("bigtrain")
+
+COMMIT_WAIT_S = 120.0  # how long rank 0 waits to see every rank's files once all have written them (NFS lag)
 
 
 def read_local(reader: Reader, kind: str, m: ParamMap) -> torch.Tensor:
@@ -66,6 +75,16 @@ def load_weights(model: torch.nn.Module, path: str, tied: bool) -> dict:
     return reader.meta
 
 
+@dataclass
+class Outcome:
+    """What became of one save: committed (error None) or not."""
+    step: int
+    reason: str
+    error: str | None
+    stats: dict
+    fatal: bool = False   # the snapshot held non-finite values: the run's state is garbage
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, engine, data):
         self.cfg, self.engine, self.data = cfg, engine, data
@@ -75,14 +94,17 @@ class Checkpointer:
         self.maps: list[ParamMap] = param_maps(engine.module, cfg.model.tie_embeddings)
         self.layout = dict(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, data=self.dp_size,
                            world=self.world, zero_stage=cfg.parallel.zero_stage)
-        self._latest: int | None = None      # step of the newest save started
+        self._started: int | None = None     # step of the newest save started (committed or not)
         self._committed: int | None = None   # step of the newest save known to be committed
         self._writer: threading.Thread | None = None
         self._committer: threading.Thread | None = None
         self._abort = threading.Event()
         self._error: str | None = None       # this rank's write failure
+        self._fatal = False
         self._commit_error: str | None = None
+        self._pending: tuple[str, dict] | None = None  # (reason, stats) of the save in flight
         self._pinned: dict[str, torch.Tensor] = {}
+        self.outcomes: list[Outcome] = []  # confirmed saves not yet reported by the loop
         self.stats: list[dict] = []  # per save: stall seconds, bytes written, write seconds (tools/bench_ckpt.py)
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
@@ -93,21 +115,58 @@ class Checkpointer:
 
     # --- restore ---------------------------------------------------------------------------------------
 
-    def _choose(self) -> tuple[str | None, bool]:
-        """(checkpoint to load, whether to resume from it): the run's own newest complete one, else checkpoint.load."""
-        own = newest_complete(self.root, lambda path, e: log.warning(
-            f"skipping checkpoint {path}: {e}; falling back to the previous one"))
-        if own:
-            return own, True
-        if self.cfg.checkpoint.load:
-            return resolve(self.cfg.checkpoint.load), self.cfg.checkpoint.load_optimizer
-        return None, False
+    def _candidates(self, before_step: int | None = None, healthy_only: bool = False) -> list[str]:
+        """Rank 0: this run's complete checkpoints, newest first (torn ones reported and left out)."""
+        out = []
+        for path, meta in complete(self.root, lambda p, e: log.warning(
+                f"skipping checkpoint {p}: {e}; falling back to the previous one")):
+            if before_step is not None and meta["step"] >= before_step:
+                continue
+            if healthy_only and not healthy(meta):
+                log.info(f"not rewinding to {path}: it was saved while the run was unwell ({meta.get('health')})")
+                continue
+            out.append(path)
+        return out
 
-    def restore(self) -> int:
-        """Load the checkpoint to continue from; returns the step to continue at (0 = fresh start)."""
-        path, resume = on_rank0(self._choose)
+    def _verified(self, path: str) -> str | None:
+        """Collective: why `path` cannot be used (a file not matching its checksum), or None. Each rank hashes
+        a share of the files."""
+        if not self.cfg.checkpoint.verify:
+            return None
+        try:
+            meta = validate(path)
+            names = sorted(meta.get("checksums") or {})[self.rank::self.world]
+            verify(path, meta, names)
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e), None)
+
+    def choose(self, before_step: int | None = None, healthy_only: bool = False) -> str | None:
+        """Collective: the newest usable checkpoint of this run (optionally: older than `before_step`, healthy)."""
+        for path in on_rank0(self._candidates, before_step, healthy_only):
+            error = self._verified(path)
+            if error is None:
+                return path
+            if self.rank == 0:
+                log.warning(f"skipping checkpoint {path}: {error}; falling back to the previous one")
+        return None
+
+    def restore(self, path: str | None = None, resume: bool = True, data: bool = True) -> dict | None:
+        """Load a checkpoint into this run; returns its meta (None: nothing to load, a fresh start). Default: the
+        run's own newest usable checkpoint (a resume), else `checkpoint.load`. `data=False` keeps the loader
+        where it is (a rewind). After a resume `meta['step']` is the step to continue at."""
         if path is None:
-            return 0
+            path = self.choose()
+            if path is None and self.cfg.checkpoint.load:
+                path, resume = on_rank0(resolve, self.cfg.checkpoint.load, False), self.cfg.checkpoint.load_optimizer
+                error = self._verified(path)
+                if error:
+                    raise CheckpointError(f"checkpoint.load: {error}")
+            if path is None:
+                return None
         reader = Reader(path)
         meta = reader.meta
         check_shapes(reader, self.maps)
@@ -121,14 +180,14 @@ class Checkpointer:
                 for m in self.maps:
                     S.set_moments(self.engine, m, {k: read_local(reader, k, m) for k in S.MOMENTS})
                 S.set_optimizer_step(self.engine, meta["optimizer_step"])
-            if meta.get("data") is not None:
+            if data and meta.get("data") is not None:
                 self.data.load_state_dict(meta["data"])
             self._restore_rng(path, meta)
         reader.close()
-        self._latest = self._committed = step if resume else None
+        self._started = self._committed = step if resume else None
         log.info(f"restored {path} (saved on layout {meta['layout']}): "
                  + (f"resuming at step {step}" if resume else "weights only, starting at step 0"))
-        return step
+        return {**meta, "step": step, "path": path, "resumed": resume}
 
     def _restore_rng(self, path: str, meta: dict) -> None:
         if meta["layout"] != self.layout:
@@ -146,12 +205,52 @@ class Checkpointer:
             torch.cuda.set_rng_state(rng.pop("cuda"))
         tensor_parallel.get_cuda_rng_tracker().set_states({k.split("/", 1)[1]: v for k, v in rng.items()})
 
+    def discard_after(self, step: int) -> None:
+        """Collective: delete this run's checkpoints newer than `step` (a rewind abandons them)."""
+        self.sync()
+        if self.rank == 0:
+            for s in list_steps(self.root):
+                if s > step:
+                    log.warning(f"rewind: deleting {step_dir_name(s)} (saved after the rewind target)")
+                    shutil.rmtree(os.path.join(self.root, step_dir_name(s)), ignore_errors=True)
+            with atomic_write(os.path.join(self.root, "latest")) as f:
+                f.write(step_dir_name(step) + "\n")
+        dist.barrier()
+        self._started = self._committed = step
+
+    def set_aside_unhealthy(self, before_step: int) -> str | None:
+        """Collective: move this run's checkpoints newer than its newest healthy one older than `before_step` into
+        checkpoints/unhealthy/ (kept for inspection, out of a resume's way); returns the name of the one kept
+        (None: there is none, and nothing is moved)."""
+        self.sync()
+        kept = on_rank0(self._set_aside_unhealthy, before_step)
+        dist.barrier()
+        return kept
+
+    def _set_aside_unhealthy(self, before_step: int) -> str | None:
+        good = next((p for p, meta in complete(self.root) if healthy(meta) and meta["step"] < before_step), None)
+        if good is None:
+            return None
+        newest = int(os.path.basename(good).split("-")[1])
+        aside = os.path.join(self.root, "unhealthy")
+        for s in list_steps(self.root):
+            if s > newest:
+                os.makedirs(aside, exist_ok=True)
+                dest = os.path.join(aside, step_dir_name(s))
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(os.path.join(self.root, step_dir_name(s)), dest)
+                log.warning(f"moved {step_dir_name(s)} to {aside}: saved after the run went bad")
+        with atomic_write(os.path.join(self.root, "latest")) as f:
+            f.write(os.path.basename(good) + "\n")
+        return os.path.basename(good)
+
     # --- save --------------------------------------------------------------------------------------------
 
-    def save(self, step: int, reason: str) -> float:
+    def save(self, step: int, reason: str, extra: dict | None = None) -> float:
         """Snapshot now, write in the background (or now, with checkpoint.async_save=false). Collective.
-        Returns how long training waited (seconds), the previous save's unfinished write included."""
-        if step == self._latest:
+        `extra` (rank 0's; JSON) goes into meta.json: the run's health and the trainer's state. Returns how long
+        training waited (seconds), the previous save's unfinished write included."""
+        if step == self._started:
             return 0.0
         t0 = time.perf_counter()
         self.sync()
@@ -161,11 +260,11 @@ class Checkpointer:
         tensors, pieces, shapes = {}, [], {}
         fname = f"rank-{self.rank:05d}.safetensors"
         for j, m in enumerate(self.maps):
-            full, fresh = S.full_tensors(self.engine, m, with_moments)  # collective over DP under ZeRO
+            state, fresh = S.shard_state(self.engine, m, with_moments)  # collective over DP under ZeRO
             if not (m.owner and j % self.dp_size == self.dp_rank):
                 continue
             shapes[m.global_name] = list(m.full_shape)
-            for kind, t in full.items():
+            for kind, t in state.items():
                 for i, pc in enumerate(m.pieces):
                     key = f"{kind}/{m.global_name}/{i}"
                     tensors[key] = self._to_host(key, t[pc.local], fresh)
@@ -177,18 +276,21 @@ class Checkpointer:
         data_state = self.data.state_dict()  # collective over DP
         if self.rank == 0:
             meta = dict(format=FORMAT, step=step, reason=reason, time=time.time(), layout=self.layout,
-                        optimizer_step=S.optimizer_step(self.engine), data=data_state, config=to_dict(self.cfg))
+                        optimizer_step=S.optimizer_step(self.engine), data=data_state, config=to_dict(self.cfg),
+                        **(extra or {}))
         stall = time.perf_counter() - t0
         tmp = os.path.join(self.root, ".tmp-" + step_dir_name(step))
-        self._latest, self._error = step, None
+        self._started, self._error, self._fatal, self._commit_error = step, None, False, None
         stats = dict(step=step, reason=reason, stall_s=stall, bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
         self.stats.append(stats)
-        self._writer = threading.Thread(target=self._write, name=f"ckpt-write-{step}",
+        self._pending = (reason, stats)
+        self._abort.clear()
+        self._writer = threading.Thread(target=self._write, name=f"ckpt-write-{step}", daemon=True,
                                         args=(tmp, tensors, pieces, shapes, self._rng_tensors(), stats))
         self._writer.start()
         if self.rank == 0:
-            self._abort.clear()
-            self._committer = threading.Thread(target=self._commit, name=f"ckpt-commit-{step}", args=(tmp, step, meta))
+            self._committer = threading.Thread(target=self._commit, name=f"ckpt-commit-{step}", daemon=True,
+                                               args=(tmp, step, meta))
             self._committer.start()
         if not self.cfg.checkpoint.async_save:
             self.sync()
@@ -216,21 +318,32 @@ class Checkpointer:
         return out
 
     def _write(self, tmp, tensors, pieces, shapes, rng, stats) -> None:
-        """Background: this rank's files; its index file, written last, tells rank 0 they are complete."""
+        """Background: check, write and hash this rank's files; its index file, written last, tells rank 0 they
+        are complete."""
         t0 = time.perf_counter()
         try:
+            for key, t in tensors.items():  # a sum is finite iff every value is (or it overflowed: look closer)
+                if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+                    self._fatal = True
+                    raise ValueError(f"non-finite values in {key} ({int((~torch.isfinite(t)).sum())} of {t.numel()}): "
+                                     "the weights are garbage and are not saved")
+            stats["check_s"] = time.perf_counter() - t0
             os.makedirs(tmp, exist_ok=True)
-            files = {}
+            files, checksums = {}, {}
+            stats["hash_s"] = 0.0
             for name, content in ((f"rank-{self.rank:05d}.safetensors", tensors),
                                   (f"rng-{self.rank:05d}.safetensors", rng)):
                 path = os.path.join(tmp, name)
-                save_file(content, path + ".part")
-                fsync_file(path + ".part")
-                os.replace(path + ".part", path)
+                with atomic_path(path, fsync=True) as part:
+                    save_file(content, part)
                 files[name] = os.path.getsize(path)
-            write_json(os.path.join(tmp, f"index-{self.rank:05d}.json"), dict(files=files, pieces=pieces, tensors=shapes))
+                t1 = time.perf_counter()
+                checksums[name] = file_checksum(path)
+                stats["hash_s"] += time.perf_counter() - t1
+            write_json(os.path.join(tmp, f"index-{self.rank:05d}.json"),
+                       dict(files=files, checksums=checksums, pieces=pieces, tensors=shapes))
             stats["write_s"] = time.perf_counter() - t0
-        except Exception as e:  # I/O errors, a full disk: reported at the next sync(), on every rank
+        except Exception as e:  # I/O errors, a full disk, garbage: reported by sync(), on every rank
             self._error = f"{type(e).__name__}: {e}"
 
     def _commit(self, tmp: str, step: int, meta: dict) -> None:
@@ -239,13 +352,14 @@ class Checkpointer:
         try:
             indexes = [os.path.join(tmp, f"index-{r:05d}.json") for r in range(self.world)]
             while not all(os.path.exists(p) for p in indexes):
-                if self._abort.wait(0.05):
-                    return  # a rank failed (learnt in sync()): nothing to publish
-            meta.update(files={}, pieces=[], tensors={})
+                if self._abort.wait(0.05) or self._error is not None:
+                    return  # a rank failed (this one, or another as sync() learnt): nothing to publish
+            meta.update(files={}, checksums={}, pieces=[], tensors={})
             for p in indexes:
                 with open(p) as f:
                     idx = json.load(f)
                 meta["files"].update(idx["files"])
+                meta["checksums"].update(idx["checksums"])
                 meta["pieces"] += idx["pieces"]
                 meta["tensors"].update(idx["tensors"])
             write_json(os.path.join(tmp, "meta.json"), meta)
@@ -259,79 +373,114 @@ class Checkpointer:
             self._commit_error = f"{type(e).__name__}: {e}"
             return
         try:  # the checkpoint is complete; what follows only tidies up
-            with open(os.path.join(self.root, "latest.tmp"), "w") as f:
+            with atomic_write(os.path.join(self.root, "latest")) as f:
                 f.write(step_dir_name(step) + "\n")  # for people and tools: restore takes the newest complete one
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
             self._prune(step)
         except OSError as e:
             log.warning(f"checkpoint {step_dir_name(step)} is complete, but updating `latest` or deleting old "
                         f"checkpoints failed: {e}")
 
     def _prune(self, newest: int) -> None:
-        kept = 0
+        """Keep the newest `checkpoint.keep` complete checkpoints up to `newest`, and the newest healthy one
+        besides while every kept one is unhealthy (a run going bad never prunes its last good state away)."""
+        kept, keep_healthy = 0, False
         for step in list_steps(self.root):
-            path = os.path.join(self.root, step_dir_name(step))
             if step > newest:
                 continue
+            path = os.path.join(self.root, step_dir_name(step))
             try:
-                validate(path)
-                good = True
+                good, well = True, healthy(validate(path))
             except CheckpointError:
-                good = False
+                good = well = False
             if good and kept < self.cfg.checkpoint.keep:
                 kept += 1
+                keep_healthy = keep_healthy or well
+                continue
+            if good and well and not keep_healthy:
+                keep_healthy = True
+                log.info(f"keeping {step_dir_name(step)}: the newest healthy checkpoint (the newer ones were saved "
+                         "while the run was unwell)")
                 continue
             shutil.rmtree(path, ignore_errors=True)
 
     # --- waiting -----------------------------------------------------------------------------------------
 
+    def ready(self) -> bool:
+        """Local, cheap: True when this rank has no save in flight or its writer is done (then the loop can
+        have every rank `sync()` without waiting)."""
+        return self._writer is None or not self._writer.is_alive()
+
+    @property
+    def pending(self) -> bool:
+        return self._writer is not None
+
     def sync(self) -> str | None:
-        """Collective: wait for the pending save on every rank; returns why it failed (None: committed or
-        nothing pending). Ranks agree by all-reduce, so a rank that could not write (a full disk) is heard
-        even when it cannot write anything to the disk."""
+        """Collective: wait for the pending save on every rank and confirm its outcome; returns why it failed
+        (None: committed or nothing pending), and queues the outcome in `outcomes`. Ranks agree by all-reduce,
+        so a rank that could not write (a full disk) is heard even when it cannot write anything to the disk."""
         if self._writer is None:
             return None
         self._writer.join()
         self._writer = None
-        failed = torch.tensor([1 if self._error else 0], dtype=torch.int32,
+        failed = torch.tensor([2 if self._fatal else 1 if self._error else 0], dtype=torch.int32,
                               device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         errors = [None] * self.world
         dist.all_gather_object(errors, self._error if failed.item() else None)
-        step = self._latest
+        step = self._started
         if self.rank == 0:
             if failed.item():
                 self._abort.set()
-            self._committer.join()
+            self._committer.join(COMMIT_WAIT_S)  # every writer is done: their index files are (or soon are) there
+            if self._committer.is_alive():
+                self._abort.set()
+                self._committer.join()
+                missing = [r for r in range(self.world) if not os.path.exists(os.path.join(
+                    self.root, ".tmp-" + step_dir_name(step), f"index-{r:05d}.json"))]
+                self._commit_error = (f"rank 0 does not see the files of ranks {missing} in {self.root} "
+                                      f"{COMMIT_WAIT_S:.0f} s after they were written: run.dir must be one directory "
+                                      "on a file system every rank shares")
             self._committer = None
-            if self._commit_error and not failed.item():
-                errors[0] = self._commit_error
-            self._commit_error = None
+            if self._commit_error:
+                errors[0] = errors[0] or self._commit_error
             if any(errors):
                 shutil.rmtree(os.path.join(self.root, ".tmp-" + step_dir_name(step)), ignore_errors=True)
         box = [next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)]
         dist.broadcast_object_list(box, src=0)
+        reason, stats = self._pending
+        self._pending = None
         if box[0] is None:
             self._committed = step
+            self.outcomes.append(Outcome(step, reason, None, stats))
             return None
-        self._latest = self._committed
+        self._started = self._committed
         message = (f"checkpoint for step {step} was not saved ({box[0]}); the previous checkpoint "
                    f"({step_dir_name(self._committed) if self._committed is not None else 'none'}) is intact")
         if self.rank == 0:
             log.error(message)
+        self.outcomes.append(Outcome(step, reason, message, stats, fatal=failed.item() == 2))
         return message
 
-    def finish(self, step: int) -> float | None:
+    def finish(self, step: int, extra: dict | None = None) -> float | None:
         """Collective, at the end of a run: make sure `step` is committed, saving it (again) if the last save
         was of an earlier step or failed. Returns the stall of that save (None: none was needed); raises
         CheckpointError when it cannot be saved."""
         self.sync()
         if self._committed == step:
             return None
-        stall = self.save(step, "end")
+        stall = self.save(step, "end", extra)
         error = self.sync()
         if error:
             raise CheckpointError(error)
         return stall
+
+    @property
+    def committed(self) -> int | None:
+        return self._committed
+
+    def close(self) -> None:
+        """Not collective, never blocks for long: stop waiting for an unfinished save (an error is ending the run;
+        the daemon writer dies with the process, and its temporary directory is removed at the next start)."""
+        self._abort.set()
+        if self._committer is not None:
+            self._committer.join(timeout=5)

@@ -11,19 +11,15 @@ from __future__ import annotations
 import math
 
 import torch
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
-                             safe_get_local_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
 from megatron.core import parallel_state as ps
 
 from ..model.layout import ParamMap
-from ..parallel.engine import uses_zero_optimizer
+from ..parallel.deepspeed_fence import (inner_optimizer, is_zero3_param, link_moments, local_fp32_fragment,
+                                        stepped_tensors, uses_zero_optimizer)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch AdamW that DeepSpeed drives (wrapped by ZeRO / bf16, or used directly)."""
-    return engine.optimizer.optimizer if uses_zero_optimizer(engine) else engine.optimizer
 
 
 def optimizer_step(engine) -> int | None:
@@ -34,8 +30,8 @@ def optimizer_step(engine) -> int | None:
     return None
 
 
-def full_tensors(engine, m: ParamMap, with_moments: bool) -> tuple[dict[str, torch.Tensor], bool]:
-    """({kind: fp32 tensor of this rank's TP shard}, fresh) for one parameter; `fresh` is False when the
+def shard_state(engine, m: ParamMap, with_moments: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """({kind: fp32 tensor of this rank's TP shard: its full data-parallel state}, fresh) for one parameter; `fresh` is False when the
     tensors are the live training state (copy them before training goes on). Collective over the DP group
     under ZeRO: every DP rank calls it for every parameter in the same order."""
     p = m.param
@@ -47,9 +43,9 @@ def full_tensors(engine, m: ParamMap, with_moments: bool) -> tuple[dict[str, tor
         return out, False
     if ps.get_data_parallel_world_size() == 1:
         # nothing to gather: this rank's fragment is the whole tensor (a view of the live state)
-        out = {"model": _local_fragment(p, None)}
+        out = {"model": local_fp32_fragment(p, None)}
         if with_moments:
-            out.update({k: _local_fragment(p, k) for k in MOMENTS})
+            out.update({k: local_fp32_fragment(p, k) for k in MOMENTS})
         if all(t is not None and t.numel() == math.prod(m.shape) for t in out.values()):
             return {k: t.view(m.shape) for k, t in out.items()}, False
     out = {"model": safe_get_full_fp32_param(p)}
@@ -64,7 +60,7 @@ def set_weights(engine, m: ParamMap, master: torch.Tensor) -> None:
 
     p = m.param
     master = master.to(p.device)
-    if hasattr(p, "ds_id"):  # ZeRO-3: the model's copy is partitioned too
+    if is_zero3_param(p):  # ZeRO-3: the model's copy is partitioned too
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             p.data.copy_(master)
     else:
@@ -73,20 +69,12 @@ def set_weights(engine, m: ParamMap, master: torch.Tensor) -> None:
         safe_set_full_fp32_param(p, master)
 
 
-def _local_fragment(p, key: str | None) -> torch.Tensor | None:
-    """This DP rank's fp32 fragment of parameter `p` (master weights if key is None, else a moment)."""
-    if hasattr(p, "ds_id"):  # ZeRO-3
-        return safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
-    mapping = getattr(p, "_hp_mapping", None)  # ZeRO-1/2 and bf16: DeepSpeed's low->high precision link
-    return None if mapping is None else mapping.get_hp_fragment(key)
-
-
 def init_moments(engine) -> None:
     """Create AdamW's state (zero moments, step 0) as torch's AdamW would on its first step, so that
     saved moments can be loaded into an engine that has not stepped yet."""
     opt = inner_optimizer(engine)
     on_device = opt.param_groups[0].get("fused") or opt.param_groups[0].get("capturable")
-    for p in _stepped_tensors(engine):
+    for p in stepped_tensors(engine):
         st = opt.state[p]
         if "step" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
@@ -94,28 +82,6 @@ def init_moments(engine) -> None:
             if k not in st:
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
     link_moments(engine)
-
-
-def _stepped_tensors(engine) -> list[torch.Tensor]:
-    """The tensors AdamW keeps state for: DeepSpeed's flat fp32 partitions, or the parameters themselves."""
-    opt = engine.optimizer
-    for attr in ("fp32_partitioned_groups_flat",   # ZeRO-3
-                 "single_partition_of_fp32_groups",  # ZeRO-1/2
-                 "fp32_groups_flat_partition"):      # bf16 optimizer (ZeRO-1 with bf16)
-        if hasattr(opt, attr):
-            return list(getattr(opt, attr))
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
-def link_moments(engine) -> None:
-    """Point each parameter's ZeRO-1/2 / bf16 fragment mapping at the current AdamW state.
-    DeepSpeed links them once, after the first step of the *first* parameter group, so parameters of
-    later groups (bigtrain's no-weight-decay group) stay unlinked and their moments unreachable; relink
-    all of them whenever we read or write moments."""
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
 
 
 def set_moments(engine, m: ParamMap, moments: dict[str, torch.Tensor]) -> None:

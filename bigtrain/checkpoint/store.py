@@ -2,6 +2,7 @@
 
     RUN/checkpoints/step-00000100/
         meta.json                 step, resolved config, data-loader state, saved layout, tensor index, file sizes
+                                  and checksums, the run's health at this step, the trainer's own state
         rank-00003.safetensors    the pieces of full tensors that rank 3 owned (no other rank writes them)
         index-00003.json          rank 3's piece index; its presence means rank 3's files are complete
         rng-00003.safetensors     rank 3's RNG states (restored only on the same layout)
@@ -11,6 +12,12 @@ A piece is a rectangle of a full tensor (`offsets` + `shape`); kinds are `model`
 `exp_avg`, `exp_avg_sq` (AdamW moments). A reader assembles any rectangle of any tensor from whichever
 pieces overlap it, so a checkpoint saved with one TP/PP/DP/ZeRO layout loads into another. Only JSON and
 safetensors are ever read: nothing is unpickled.
+
+Integrity: `files` gives each file's size (a torn write is caught by `validate`), `checksums` its xxh3-128
+digest (flipped bytes are caught by `verify`, which reads the files). `health` says whether the run was
+well at this step (no non-finite step and no loss spike since the previous checkpoint): pruning keeps the newest
+healthy checkpoint, and a rewind goes back to one. Checkpoints written before checksums and health existed
+load as they are (unverified, healthy).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from ..errors import BigtrainError
 
 FORMAT = "bigtrain-checkpoint-1"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+CHECKSUM = "xxh3_128"
 
 
 class CheckpointError(BigtrainError):
@@ -36,27 +44,16 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def write_json(path: str, obj) -> None:
-    """Write-aside-then-rename, fsynced: a reader sees the old file or the complete new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def file_checksum(path: str) -> str:
+    """'xxh3_128:<hex>' of a file's bytes (about 15 GB/s on one core: it never limits a save or a load)."""
+    import mmap
 
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
+    import xxhash
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        if os.fstat(f.fileno()).st_size == 0:
+            return f"{CHECKSUM}:{xxhash.xxh3_128(b'').hexdigest()}"
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:  # hashed in place: no copy into Python
+            return f"{CHECKSUM}:{xxhash.xxh3_128(m).hexdigest()}"
 
 
 def validate(path: str) -> dict:
@@ -84,6 +81,21 @@ def validate(path: str) -> dict:
         if actual != size:
             raise CheckpointError(f"{path}: file {name} has {actual} bytes, expected {size} (torn write)")
     return meta
+
+
+def verify(path: str, meta: dict, names=None) -> None:
+    """Check files of a validated checkpoint (default: all) against the checksums in its meta.json;
+    CheckpointError naming the first file that does not match."""
+    sums = meta.get("checksums") or {}
+    for name in sorted(sums) if names is None else names:
+        got = file_checksum(os.path.join(path, name))
+        if got != sums[name]:
+            raise CheckpointError(f"{path}: file {name} does not match its checksum ({got.split(':')[-1][:16]}..., "
+                                  f"expected {sums[name].split(':')[-1][:16]}...): corrupt")
+
+
+def healthy(meta: dict) -> bool:
+    return bool((meta.get("health") or {}).get("healthy", True))
 
 
 @dataclass
@@ -146,30 +158,41 @@ def list_steps(ckpt_root: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-def newest_complete(root: str, on_skip=None) -> str | None:
-    """The newest complete checkpoint directory under `root`; `on_skip(path, error)` hears of each newer
-    one that is not complete."""
+def complete(root: str, on_skip=None, verify_files: bool = False):
+    """Yield (directory, meta) of the complete checkpoints under `root`, newest first (lazily: each is read
+    when asked for); `on_skip(path, error)` hears of each one that is not (torn, or with `verify_files` corrupt)."""
     for step in list_steps(root):
         cand = os.path.join(root, step_dir_name(step))
         try:
-            validate(cand)
-            return cand
+            meta = validate(cand)
+            if verify_files:
+                verify(cand, meta)
         except CheckpointError as e:
             if on_skip is not None:
                 on_skip(cand, e)
-    return None
+            continue
+        yield cand, meta
 
 
-def resolve(path: str) -> str:
-    """A checkpoint directory given itself, a run directory, or a run's checkpoints/ directory:
-    the newest complete checkpoint in it."""
+def newest_complete(root: str, on_skip=None, verify_files: bool = False) -> str | None:
+    """The newest complete checkpoint directory under `root` (see `complete`), or None."""
+    return next((path for path, _ in complete(root, on_skip, verify_files)), None)
+
+
+def resolve(path: str, verify_files: bool = True) -> str:
+    """A checkpoint directory given itself, a run directory, or a run's checkpoints/ directory: the newest
+    complete (and, with `verify_files`, uncorrupted) checkpoint in it."""
     if os.path.exists(os.path.join(path, "meta.json")):
-        validate(path)
+        meta = validate(path)
+        if verify_files:
+            verify(path, meta)
         return path
     for root in (os.path.join(path, "checkpoints"), path):
-        found = newest_complete(root)
+        skipped = []
+        found = newest_complete(root, lambda p, e: skipped.append(str(e)), verify_files)
         if found:
             return found
         if list_steps(root):
-            raise CheckpointError(f"{root}: no complete checkpoint among {len(list_steps(root))} step directories")
+            raise CheckpointError(f"{root}: no complete checkpoint among {len(list_steps(root))} step directories"
+                                  + (f" (newest: {skipped[0]})" if skipped else ""))
     raise CheckpointError(f"{path}: not a checkpoint, run directory or checkpoints directory")

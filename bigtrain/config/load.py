@@ -9,7 +9,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import os
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -33,7 +32,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+            raise ConfigError(f"{where}: not valid YAML: {' '.join(what.split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     for item in overrides:
@@ -218,6 +220,19 @@ def check(cfg: Config) -> None:
     for i, s in enumerate(cfg.data.sources):
         need(s.path, f"config key 'data.sources[{i}].path': expected a path, got nothing")
         need(s.weight > 0, f"config key 'data.sources[{i}].weight': expected > 0, got {s.weight}")
+    g = cfg.guard
+    for key, v in [("guard.max_consecutive_skips", g.max_consecutive_skips), ("guard.spike_window", g.spike_window),
+                   ("guard.rewind_window", g.rewind_window), ("checkpoint.max_failures", cfg.checkpoint.max_failures)]:
+        need(v >= 1, f"config key '{key}': expected a positive integer, got {v}")
+    for key, v in [("guard.spike_sigmas", g.spike_sigmas), ("guard.spike_warmup", g.spike_warmup),
+                   ("guard.rewind_after", g.rewind_after), ("guard.max_rewinds", g.max_rewinds),
+                   ("guard.rewind_margin", g.rewind_margin)]:
+        need(v >= 0, f"config key '{key}': expected >= 0, got {v}")
+    need(g.spike_warmup <= g.spike_window, f"config key 'guard.spike_warmup': {g.spike_warmup} is more than "
+                                           f"guard.spike_window={g.spike_window}")
+    for i, f in enumerate(cfg.debug.faults):
+        need(f.batch >= 0 and f.rank >= 0, f"config key 'debug.faults[{i}]': batch and rank must be >= 0, "
+                                           f"got batch={f.batch} rank={f.rank}")
 
 
 def to_dict(cfg) -> dict:
@@ -253,7 +268,6 @@ def describe(cfg, prefix: str = "") -> list[str]:
 
 
 def dump(cfg: Config, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    from ..atomic import atomic_write
+    with atomic_write(path) as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)

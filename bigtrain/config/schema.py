@@ -167,6 +167,65 @@ class CheckpointConfig:
     """With `load`: also restore optimizer, step, LR schedule and data position (a true resume)."""
     async_save: bool = True
     """Write checkpoints in the background after a short in-memory snapshot."""
+    max_failures: int = 3
+    """Stop the run after this many saves in a row have failed (each failure is a `checkpoint_failed` event; the
+    next interval tries again)."""
+    verify: bool = True
+    """Check every file of a checkpoint against the checksum in its index before loading it (all ranks share the
+    reading); a mismatch names the file and falls back to the previous checkpoint, like a torn one."""
+
+
+@dataclass
+class GuardConfig:
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A step whose loss or global gradient norm is not finite (all ranks agree with one all-reduce): `skip`
+    leaves weights, AdamW moments, the step counter and the LR schedule untouched, consumes the batch and tries
+    the step again with the next one (counted as `skipped_steps`); `stop` ends the run with an error."""
+    max_consecutive_skips: int = 5
+    """Stop the run (one-line error, last good checkpoint kept) after this many skipped steps in a row."""
+    spike_sigmas: float = 6.0
+    """A step whose loss (or another of `spike_metrics`) exceeds the mean of the last `spike_window` normal steps
+    by this many standard deviations (at least 1% of the mean) is a spike: logged as an event, counted for
+    rewinds. 0 turns spike detection off."""
+    spike_metrics: list[Literal["loss", "grad_norm"]] = field(default_factory=lambda: ["loss"])
+    """What the spike detector watches. The gradient norm swings widely early in training; add it for a
+    warning that comes before the loss spikes, with a long `spike_warmup`."""
+    spike_window: int = 100
+    """Steps of history the spike detector keeps (spikes themselves are left out)."""
+    spike_warmup: int = 20
+    """Steps of history needed before the detector looks for spikes."""
+    rewind_after: int = 3
+    """Rewind when this many anomalies (spikes and skipped steps) fall within the last `rewind_window` batches:
+    restore the newest healthy checkpoint from before them and skip every batch drawn since (PaLM's recipe;
+    recorded in RUN/skipped_batches.json, so restarts skip them too). 0 never rewinds."""
+    rewind_window: int = 200
+    """Batches over which anomalies are counted for `rewind_after`."""
+    rewind_margin: int = 10
+    """A rewind, or a run the guards stop, goes back to a checkpoint at least this many steps older than the first
+    anomaly: a run can go bad a few steps before it shows (a huge update, then a normal-looking loss, then NaN)."""
+    max_rewinds: int = 3
+    """Most rewinds in the life of a run (counted in RUN/skipped_batches.json); one more stops it."""
+
+
+@dataclass
+class FaultSpec:
+    kind: Literal["nan_loss", "inf_grad", "spike", "error"] = "nan_loss"
+    """`nan_loss`: the logits of this rank (it must hold the output layer: a last pipeline stage) become NaN;
+    `inf_grad`: one element of one gradient on this rank becomes inf; `spike`: this rank's logits are multiplied
+    by `value`; `error`: this rank raises an exception in its forward pass."""
+    batch: int = 0
+    """Global batch index (0-based, every batch drawn counts, skipped ones too) whose step the fault hits."""
+    rank: int = 0
+    """Global rank that injects the fault."""
+    value: float = 30.0
+    """For `spike`: the factor on the logits."""
+
+
+@dataclass
+class DebugConfig:
+    faults: list[FaultSpec] = field(default_factory=list)
+    """Faults injected into the real training step, to try the guards on a live run
+    (`debug.faults=[{kind: nan_loss, batch: 3, rank: 1}]`). Empty in real runs."""
 
 
 @dataclass
@@ -194,6 +253,10 @@ class Config:
     """Sharded checkpoints and resume."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """SLURM requeue behaviour."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """What keeps a run from going bad silently: non-finite steps, loss spikes, rewinds."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Fault injection for trying the guards (off unless set)."""
 
 
 def kv_heads(m: ModelConfig) -> int:

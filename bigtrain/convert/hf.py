@@ -33,7 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint.store import FORMAT, Reader, fsync_dir, resolve, write_json
+from ..atomic import fsync_dir, write_json
+from ..checkpoint.store import FORMAT, Reader, resolve
 from ..config import Config, ConfigError, ModelConfig, ffn_size, kv_heads, padded_vocab
 from ..config.load import from_dict
 from ..errors import BigtrainError

@@ -40,7 +40,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
 from ..errors import BigtrainError
-from .shards import FORMAT, MANIFEST
+from .shards import FORMAT, MANIFEST, member_digest
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "bigtrain-loader-state"
@@ -170,13 +170,25 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 
 def tar_members(url: str):
-    """(name, bytes) of the `.npy` members of one shard, through webdataset's gopen and tar iterator."""
+    """(name, bytes, digest) of the `.npy` members of one shard, through webdataset's gopen and tar iterator;
+    `digest` is the member's `.npy.xxh3` companion (None when the shard has none)."""
     stream = gopen(url)
     done = False
     try:
+        pending = None
         for f in tar_file_iterator(stream):
-            if f["fname"].endswith(".npy"):
-                yield f["fname"], f["data"]
+            name = f["fname"]
+            if pending is not None and name == pending[0] + ".xxh3":
+                yield pending[0], pending[1], bytes(f["data"]).decode("ascii", "replace").strip()
+                pending = None
+                continue
+            if pending is not None:
+                yield pending[0], pending[1], None
+                pending = None
+            if name.endswith(".npy"):
+                pending = (name, f["data"])
+        if pending is not None:
+            yield pending[0], pending[1], None
         done = True
     finally:
         try:
@@ -209,6 +221,7 @@ class _Cursor:
         self.ctx, self.sample_len, self.vocab_size = ctx, sample_len, vocab_size
         self.block, self.members, self._perm = None, None, (None, None)
         self._resume = self.member > 0
+        self.checked = bool((src.manifest or {}).get("member_checksum"))
 
     def position(self) -> list[int]:
         return [self.epoch, self.shard, self.member, self.offset]
@@ -296,7 +309,13 @@ class _Cursor:
         item = self._read(url)
         if item is None:
             return False
-        name, data = item
+        name, data, digest = item
+        if digest is None and self.checked:
+            self.ctx.bad(f"{url} member {name}", "no .npy.xxh3 checksum beside it (the manifest promises one)")
+            return False
+        if digest is not None and (got := member_digest(data)) != digest:
+            self.ctx.bad(f"{url} member {name}", f"checksum mismatch (xxh3_64 {got}, expected {digest[:16]}): corrupt")
+            return False
         try:
             block = decode_npy(data)
         except ValueError as e:

@@ -4,29 +4,31 @@ Documents are tokenized in a process pool (results taken in input order, so the 
 the same input whatever the worker count), joined with EOS and cut into samples of exactly seq_len + 1 ids (the
 trailing partial sample is dropped and counted). Shard `DIR/shard-NNNNNN.tar` holds `shard_samples` samples as
 members `{key}.npy`, each a 2-D array [<= samples_per_member, seq_len + 1] of the smallest unsigned dtype that
-holds the vocabulary; `key` is the zero-padded global member index. Plain WebDataset reads them:
-`webdataset.WebDataset(urls).decode()` yields dicts whose "npy" is that array. Tars are deterministic (mtime 0,
-uid/gid 0, no user/group names, sorted members); each is written under a temporary name and renamed, and
-manifest.json comes last.
+holds the vocabulary, each followed by `{key}.npy.xxh3`, the hex xxh3-64 digest of the .npy bytes (the loader
+skips, counts and names a member whose bytes no longer match); `key` is the zero-padded global member index.
+Plain WebDataset reads them: `webdataset.WebDataset(urls).decode()` yields dicts whose "npy" is that array.
+Tars are deterministic (mtime 0, uid/gid 0, no user/group names, sorted members); each is written under a
+temporary name and renamed, and manifest.json (with each shard's sha256) comes last.
 """
 from __future__ import annotations
 
 import collections
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import sys
 
 import numpy as np
 
+from ..atomic import atomic_path, write_json
 from ..errors import BigtrainError
 from .tokenizer import expand_inputs, iter_documents, load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "bigtrain-token-shards"
 VERSION = 1
+MEMBER_CHECKSUM = "xxh3_64"   # the digest in each member's `.npy.xxh3` companion (manifest key member_checksum)
 _CHUNK_CHARS = 1 << 20  # documents are sent to the tokenizer processes in chunks of about this much text
 
 
@@ -39,6 +41,11 @@ def npy_bytes(a: np.ndarray) -> bytes:
     f = io.BytesIO()
     np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
     return f.getvalue()
+
+
+def member_digest(data) -> str:
+    import xxhash
+    return xxhash.xxh3_64(data).hexdigest()
 
 
 def file_sha256(path: str) -> str:
@@ -68,7 +75,8 @@ class ShardWriter:
         self.manifest = dict(format=FORMAT, version=VERSION, seq_len=seq_len, dtype=self.dtype.name,
                              vocab_size=vocab_size, eos_id=eos_id, tokenizer=tokenizer or {"file": "", "sha256": ""},
                              samples_per_member=samples_per_member, shard_samples=shard_samples,
-                             documents=0, samples=0, tokens=0, dropped_tokens=0, shards=[])
+                             member_checksum=MEMBER_CHECKSUM, documents=0, samples=0, tokens=0, dropped_tokens=0,
+                             shards=[])
         self._tail = np.zeros(0, self.dtype)  # tokens not yet in a whole sample
         self._pending, self._npending = [], 0  # whole samples not yet in a shard
         self._member = 0
@@ -96,13 +104,13 @@ class ShardWriter:
         name = f"shard-{len(self.manifest['shards']):06d}.tar"
         path = os.path.join(self.output, name)
         members = 0
-        with open(path + ".tmp", "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             with TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False) as w:
                 for i in range(0, len(samples), self.spm):
-                    w.write({"__key__": f"{self._member:09d}", "npy": npy_bytes(samples[i:i + self.spm])})
+                    data = npy_bytes(samples[i:i + self.spm])
+                    w.write({"__key__": f"{self._member:09d}", "npy": data, "npy.xxh3": member_digest(data).encode()})
                     self._member += 1
                     members += 1
-        os.replace(path + ".tmp", path)
         m = self.manifest
         m["shards"].append(dict(name=name, samples=len(samples), members=members, tokens=samples.size,
                                 max_token_id=int(samples.max()), sha256=file_sha256(path)))
@@ -114,11 +122,7 @@ class ShardWriter:
         if self._npending:
             self._flush(self._npending)
         self.manifest["dropped_tokens"] = len(self._tail)
-        path = os.path.join(self.output, MANIFEST)
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.manifest, f, indent=1)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(self.output, MANIFEST), self.manifest)
         return self.manifest
 
 

@@ -1,3 +1,2 @@
-"""Launching: SLURM submission through submitit (submit.py) and the stop/requeue protocol (preemption.py)."""
-
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: the run checkpointed and stopped early; it comes back when requeued
+"""Launching: SLURM submission through submitit (submit.py: the login-node side; job.py: what runs on the
+compute nodes). The stop/requeue protocol the job relies on belongs to the training loop (bigtrain/train/stop.py)."""

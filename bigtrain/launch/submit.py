@@ -17,7 +17,7 @@ Signals: who handles what, when (one requeue per time-limit stop, always bigtrai
   * before training (imports, process group, model, data, restore): USR1/USR2 is held back and delivered
     again to bigtrain's `StopRequest` as soon as it is installed (one step is trained, then checkpoint and
     requeue); SIGTERM exits at once with 75 (nothing new to save; SLURM requeues a preempted job itself);
-  * while training: bigtrain's `StopRequest` owns USR1/USR2/SIGTERM (launch/preemption.py): checkpoint at
+  * while training: bigtrain's `StopRequest` owns USR1/USR2/SIGTERM (train/stop.py): checkpoint at
     the next step boundary; after USR1/USR2 rank 0 runs `scontrol requeue` (while SLURM_RESTART_COUNT <
     launch.max_requeues);
   * after training (`StopRequest` restored the guard's handlers): USR1/USR2/SIGTERM are logged and ignored
@@ -39,7 +39,7 @@ import threading
 import time
 
 from ..errors import BigtrainError
-from . import EXIT_REQUEUE
+from ..train.stop import EXIT_REQUEUE
 
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE")
@@ -112,7 +112,7 @@ class TrainJob:
             dist_env = submitit.helpers.TorchDistributedEnvironment()
             # bigtrain picks the GPU (LOCAL_RANK among the visible ones): leave CUDA_VISIBLE_DEVICES as SLURM set it
             dist_env.export(set_cuda_visible_devices=False, overwrite=True)
-            from ..launch.preemption import restart_count
+            from ..train.stop import restart_count
             from ..train import train
             _say(f"rank {dist_env.rank}/{dist_env.world_size} on {os.uname().nodename}: master "
                  f"{dist_env.master_addr}:{dist_env.master_port}, SLURM job {os.environ.get('SLURM_JOB_ID')} "

@@ -1,62 +1,17 @@
-"""Process-group setup: the same `bigtrain train` runs as one process, under torchrun, and under srun.
-
-Where the rank comes from, in order: torchrun / submitit variables (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT), then SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the
-step's first node), else a single process. NCCL with one GPU per local rank when CUDA is present, gloo
-and the CPU shims otherwise.
+"""Process-group setup: the same `bigtrain train` runs as one process, under torchrun, and under srun
+(the rank comes from the launcher's environment, see env.py). NCCL with one GPU per local rank when CUDA is
+present, gloo and the CPU shims otherwise.
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import os
-import re
-import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class Env:
-    rank: int
-    world: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "single" | "torchrun" | "submitit" | "slurm" (srun)
-
-
-def first_host(nodelist: str) -> str:
-    """First host of a SLURM hostlist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_env() -> Env:
-    e = os.environ
-    if "RANK" in e and "WORLD_SIZE" in e:
-        launcher = "submitit" if e.get("SUBMITIT_EXECUTOR") == "slurm" else "torchrun"
-        return Env(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
-                   e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), launcher)
-    if int(e.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in e and "SLURM_STEP_ID" in e:
-        nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        port = int(e.get("MASTER_PORT", 0)) or 20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000
-        return Env(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
-                   e.get("MASTER_ADDR") or first_host(nodes), port, "slurm")
-    return Env(0, 1, 0, "127.0.0.1", _free_port(), "single")
-
+from .env import Env, free_port, launch_env
 
 _ENV: Env | None = None
 
@@ -66,6 +21,8 @@ def setup(backend: str = "auto", timeout_minutes: float = 30.0) -> tuple[Env, to
     Later calls in the same process (e.g. several runs under one pytest + torchrun) reuse the group."""
     global _ENV
     env = _ENV = _ENV or launch_env()
+    if env.launcher == "single" and not env.master_port:
+        env.master_port = free_port()
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -100,21 +57,65 @@ def init_model_parallel(tensor: int, pipeline: int, seed: int) -> None:
                          f"the world size {world}")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+        release_groups()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
+def release_groups() -> None:
+    """Destroy every process group but the default one, and DeepSpeed's caches of them. A gloo group keeps its
+    own polling threads for as long as it lives, and megatron's destroy_model_parallel only forgets its groups:
+    a process that builds several layouts (the multi-rank test suite runs dozens of runs in one process) would
+    pile up thousands of threads that slow every collective. torch has no public list of groups; its registry
+    (`distributed_c10d._world.pg_map`, private) is read here and only here."""
+    from torch.distributed import distributed_c10d as c10d
+
+    from . import deepspeed_fence
+    world = c10d.GroupMember.WORLD
+    for pg in list(c10d._world.pg_map):
+        if pg is not world:
+            dist.destroy_process_group(pg)
+    deepspeed_fence.forget_engines()
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    deepspeed_fence.clear_method_caches(RotaryEmbedding)  # its forward's lru_cache, keyed by module, keeps models
+    gc.collect()  # the previous engine and its groups sit in reference cycles: free them (and their threads) now
+
+
 def on_rank0(fn, *args):
-    """Run `fn(*args)` on rank 0 only and hand its result to every rank. A BigtrainError raised there is
-    raised on every rank (otherwise the others would wait for rank 0 in their next collective)."""
+    """Run `fn(*args)` on rank 0 only and hand its result to every rank. Whatever `fn` raises there is raised
+    on every rank (otherwise the others would wait for rank 0 in their next collective): a BigtrainError as
+    itself, anything else as a one-line BigtrainError naming it on the other ranks while rank 0 raises the
+    original (with its traceback)."""
     from ..errors import BigtrainError
     box = [None, None]
+    error = None
     if dist.get_rank() == 0:
         try:
             box[0] = fn(*args)
         except BigtrainError as e:
-            box[1] = e
+            box[1], error = ("bigtrain", str(e)), e
+        except BaseException as e:  # noqa: B902 -- KeyboardInterrupt included: the other ranks must not wait
+            box[1], error = ("other", f"{type(e).__name__}: {e}"), e
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
-        raise box[1]
+        if error is not None:
+            raise error
+        kind, message = box[1]
+        raise BigtrainError(message if kind == "bigtrain" else f"rank 0 failed in {getattr(fn, '__name__', fn)}: "
+                            f"{message.splitlines()[0] if message else ''}")
     return box[0]
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+              "NCCL communicator was aborted", "ProcessGroupNCCL", "Socket Timeout")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """The first line of a collective's error when another rank died or hung (gloo: the peer's socket closed;
+    NCCL: the watchdog aborted the communicator; both: a timeout), None for any other error."""
+    if not isinstance(e, RuntimeError):
+        return None
+    text = str(e)
+    if isinstance(e, getattr(dist, "DistError", ())) or any(p in text for p in _PEER_LOST):
+        return (text.strip().splitlines() or [type(e).__name__])[0][:300]
+    return None

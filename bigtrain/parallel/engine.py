@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 
 from ..config import Config, ConfigError, ffn_size, padded_vocab
 from ..model.layout import counted_once
+from . import deepspeed_fence as fence
 
 
 def check_layout(cfg: Config, world: int) -> None:
@@ -98,7 +99,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
         "train_micro_batch_size_per_gpu": t.global_batch_size // dp,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
-        # fp32 ZeRO-0 clips through `_install_fp32_clip`, which DeepSpeed only calls when this is > 0
+        # fp32 ZeRO-0 clips through `_fp32_clip`, which DeepSpeed only calls when this is > 0
         "gradient_clipping": t.grad_clip if p.zero_stage or t.precision == "bf16" else 1.0,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -128,28 +129,20 @@ def grad_norm(params) -> float:
     return sq.sqrt().item()
 
 
-def _install_fp32_clip(engine, cfg: Config) -> None:
-    """ZeRO-0 in fp32 has no DeepSpeed optimizer wrapper; DeepSpeed's own clip for it neither counts
-    pipeline stages other than the first nor skips the tied embedding's second copy. Replace it with
-    `grad_norm` (DeepSpeed calls it after the data-parallel all-reduce) and record the norm."""
+def _fp32_clip(engine, cfg: Config):
+    """ZeRO-0 in fp32 has no DeepSpeed optimizer wrapper; DeepSpeed's own clip for it neither counts pipeline
+    stages other than the first nor skips the tied embedding's second copy. This one uses `grad_norm` (called
+    after the data-parallel all-reduce) and returns the norm it measured."""
 
-    def clip():
+    def clip() -> float:
         params = [p for p in engine.module.parameters() if p.grad is not None]
         norm = grad_norm(params)
-        engine._global_grad_norm = norm
         if cfg.train.grad_clip > 0 and norm > cfg.train.grad_clip:
             coef = cfg.train.grad_clip / (norm + 1e-6)
             for p in params:
                 p.grad.mul_(coef)
-
-    engine.clip_fp32_gradients = clip
-
-
-def uses_zero_optimizer(engine) -> bool:
-    """True when DeepSpeed wraps the optimizer (ZeRO 1-3, or bf16): then forwards go through the engine
-    so its gradient hooks see every backward; with plain fp32 ZeRO-0 they go to the bare module."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-    return isinstance(engine.optimizer, ZeROOptimizer)
+        return norm
+    return clip
 
 
 def build_engine(model: torch.nn.Module, cfg: Config):
@@ -157,12 +150,14 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     import deepspeed
 
     dp = ps.get_data_parallel_world_size()
+    fence.check_version()
     for p in model.parameters():
         if getattr(p, "shared", False):  # the last stage's copy of a tied embedding: DeepSpeed's norms skip it
-            p.ds_pipe_replicated = True
+            fence.mark_pipeline_replica(p)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                            config=deepspeed_config(cfg, dp), mpu=MegatronMPU,
                                            dist_init_required=False)
-    if not uses_zero_optimizer(engine):
-        _install_fp32_clip(engine, cfg)
+    if not fence.uses_zero_optimizer(engine):
+        fence.install_fp32_clip(engine, _fp32_clip(engine, cfg))
+    fence.step_gate(engine)
     return engine

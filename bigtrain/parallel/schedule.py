@@ -1,12 +1,17 @@
-"""One optimizer step of a megatron-core model inside a DeepSpeed engine.
+"""One optimizer step of a megatron-core model inside a DeepSpeed engine, in two parts so that the update can
+be vetoed:
+
+    loss = forward_backward(engine, batch, cfg)             # megatron's schedule: the microbatches
+    applied, grad_norm = optimizer_step(engine, cfg, decide)  # DeepSpeed: reduce, measure, clip, step?
 
 megatron's forward-backward function runs the microbatches (plain accumulation with PP=1, 1F1B across
 stages with PP>1) on the engine's module; DeepSpeed then reduces gradients over data-parallel ranks,
-clips and steps in `engine.step()`.
+measures and clips them in `engine.step()`, where `decide(grad_norm)` is asked before AdamW runs.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -14,7 +19,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..config import Config
-from .engine import uses_zero_optimizer
+from . import deepspeed_fence as fence
+from .deepspeed_fence import uses_zero_optimizer
 
 
 class _BackwardStart(torch.autograd.Function):
@@ -30,7 +36,7 @@ class _BackwardStart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.optimizer.clear_backward_seen_flag()
+        fence.reset_backward_bookkeeping(ctx.optimizer)
         return grad, None
 
 
@@ -88,27 +94,33 @@ def sync_tied_embedding_grads(model: torch.nn.Module, cfg: Config) -> None:
     if not (ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()):
         return
     weight = model.shared_embedding_or_output_weight()
-    grad = _grad_of(weight)
-    dist.all_reduce(grad, group=ps.get_embedding_group())
+    dist.all_reduce(fence.local_grad(weight), group=ps.get_embedding_group())
 
 
-def _grad_of(param):
-    """The locally accumulated (not yet data-parallel-reduced) gradient of `param`: DeepSpeed's bf16
-    optimizer keeps it in fp32 in `_hp_grad`, ZeRO-1/2 with fp32 accumulation in `grad_accum`."""
-    for attr in ("_hp_grad", "grad_accum", "grad"):
-        g = getattr(param, attr, None)
-        if g is not None:
-            return g
-    raise RuntimeError("tied embedding has no gradient to synchronise")
+def optimizer_step(engine, cfg: Config, decide=None) -> tuple[bool, float]:
+    """Reduce, measure and clip the gradients, then update -- unless `decide(grad_norm) -> bool` says no.
+    `decide` runs exactly once per call on every rank, at the same point (it may run collectives), also when
+    DeepSpeed skips the update by itself (a non-finite norm under some ZeRO stages): then it is asked with that
+    norm and its answer is moot. Returns (applied, global gradient norm before clipping)."""
+    decide = decide or (lambda norm: True)
+    sync_tied_embedding_grads(engine.module, cfg)
+    gate = fence.step_gate(engine)
+    gate.arm(decide)
+    try:
+        engine.step()
+    finally:
+        verdict = gate.disarm()
+    if verdict is None:  # DeepSpeed skipped the update itself (its global norm was not finite, the same verdict
+        decide(math.inf)  # on every rank): the agreement still runs once everywhere
+        return False, math.inf
+    return verdict, gate.grad_norm
 
 
 def train_step(engine, batch: torch.Tensor, cfg: Config) -> tuple[float, float]:
-    """Forward, backward, reduce, clip and step. Returns (loss, grad_norm)."""
+    """Forward, backward, reduce, clip and step (no veto). Returns (loss, grad_norm)."""
     loss = forward_backward(engine, batch, cfg)
-    sync_tied_embedding_grads(engine.module, cfg)
-    engine.step()
-    norm = engine.get_global_grad_norm()
-    return loss, float(norm) if norm is not None else float("nan")
+    _, norm = optimizer_step(engine, cfg)
+    return loss, norm
 
 
 def logits(model: torch.nn.Module, tokens: torch.Tensor, cfg: Config) -> torch.Tensor | None:

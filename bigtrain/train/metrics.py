@@ -1,12 +1,11 @@
-"""What a run reports: `metrics.jsonl` (one JSON object per optimizer step), `events.jsonl` (starts,
-resumes, checkpoints, requeues), TensorBoard scalars, and a short console line per logging interval.
+"""What a run reports: each optimizer step's record (loss, lr, gradient norm, throughput, TFLOP/s, MFU, memory,
+skipped steps, evaluation results) and the run's events (starts, resumes, checkpoints, skipped steps, spikes,
+rewinds, requeues), sent to the sinks of sinks.py: `metrics.jsonl`, `events.jsonl`, TensorBoard, the console.
 Only rank 0 writes; the other ranks get a logger that does nothing.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import resource
 import time
@@ -53,86 +52,77 @@ def peak_memory_gib() -> float:
 
 
 class Metrics:
-    def __init__(self, cfg: Config, rank: int, world: int, start_step: int):
+    """Rank 0 sends each optimizer step's record and each event to the sinks (sinks.py); other ranks send
+    nothing. A sink that fails (a full disk under TensorBoard's writer thread, say) is closed and not called
+    again, and `failure` names it: the loop stops the run with that error at the next step boundary, on every
+    rank (a run whose metrics can no longer be written is not left running blind)."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, sinks: list | None = None):
         self.cfg, self.world = cfg, world
         self.enabled = rank == 0
         self.flops_per_token = flops_per_token(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
-        self.tb = None
-        if not self.enabled:
-            return
-        run = cfg.run.dir
-        os.makedirs(run, exist_ok=True)
-        _truncate_jsonl(os.path.join(run, "metrics.jsonl"), start_step)
-        self.metrics = open(os.path.join(run, "metrics.jsonl"), "a")
-        self.events = open(os.path.join(run, "events.jsonl"), "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run, "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        except ImportError:  # tensorboard is an install requirement; keep training if it was removed
-            log.warning("tensorboard is not installed: no TensorBoard events")
+        self.failure: str | None = None
+        self.sinks = [] if not self.enabled else sinks if sinks is not None else default_sinks(cfg)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float, **extra) -> dict:
+    def _each(self, method: str, *args) -> None:
+        for sink in list(self.sinks):
+            if not hasattr(sink, method):
+                continue
+            try:
+                getattr(sink, method)(*args)
+            except Exception as e:
+                self.sinks.remove(sink)
+                self.failure = self.failure or f"writing {sink.name} failed ({type(e).__name__}: {e})"
+                log.error(f"metrics: {self.failure}")
+                try:
+                    sink.close()
+                except Exception:
+                    pass
+
+    def open(self, start_step: int) -> None:
+        if self.enabled:
+            os.makedirs(self.cfg.run.dir, exist_ok=True)
+            self._each("open", self.cfg.run.dir, start_step)
+
+    def step(self, record: dict) -> dict:
+        """The step's record with throughput, FLOP/s, MFU and memory added, written to every sink."""
+        seconds = record["step_seconds"]
         tokens_per_s = self.tokens_per_step / seconds
         tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
-        rec = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                   tflops_per_device=tflops, mfu=tflops / self.cfg.train.peak_tflops,
-                   step_seconds=seconds, mem_gib=peak_memory_gib(), **extra)
-        if not self.enabled:
-            return rec
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if k not in ("step", "val_loss") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, step)
-        if step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps or "val_loss" in extra:
-            log.info(f"step {step}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | gnorm {grad_norm:.3f} | "
-                     f"{tokens_per_s:,.0f} tok/s | {tflops:.1f} TFLOP/s/dev | MFU {100 * rec['mfu']:.1f}% | "
-                     f"mem {rec['mem_gib']:.2f} GiB | {seconds:.2f} s"
-                     + (f" | validation loss {extra['val_loss']:.4f}" if "val_loss" in extra else ""))
+        rec = {k: v for k, v in record.items() if k != "applied" and not k.startswith("_")}
+        rec.update(tokens_per_s=tokens_per_s, tflops_per_device=tflops, mfu=tflops / self.cfg.train.peak_tflops,
+                   mem_gib=peak_memory_gib())
+        if self.enabled:
+            self._each("write", rec)
         return rec
 
     def scalar(self, name: str, value: float, step: int) -> None:
-        if self.enabled and self.tb:
-            self.tb.add_scalar(name, value, step)
+        """A scalar outside the step records (TensorBoard only), e.g. run/restarts."""
+        if self.enabled:
+            self._each("scalar", name, value, step)
 
     def event(self, kind: str, step: int, **fields) -> None:
-        """A run event (start, resume, checkpoint, requeue...): events.jsonl, TensorBoard, console."""
-        if not self.enabled:
-            return
-        rec = dict(event=kind, step=step, time=time.time(), **fields)
-        self.events.write(json.dumps(rec) + "\n")
-        self.events.flush()
-        if self.tb:
-            self.tb.add_text("events", json.dumps(rec), step)
-        log.info(f"{kind} at step {step}" + "".join(f" {k}={v:.3g}" if isinstance(v, float) else f" {k}={v}"
-                                                   for k, v in fields.items()))
+        """A run event (start, resume, checkpoint, skipped_step, spike, rewind, requeue...)."""
+        if self.enabled:
+            self._each("event", dict(event=kind, step=step, time=time.time(), **fields))
+
+    def rewind(self, step: int) -> None:
+        if self.enabled:
+            self._each("rewind", step)
 
     def close(self) -> None:
         if self.enabled:
-            self.metrics.close()
-            self.events.close()
-            if self.tb:
-                self.tb.close()
+            self._each("close")
+            self.sinks = []
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop records of steps after `last_step`: after a crash the steps since the last checkpoint are
-    trained again, and metrics.jsonl keeps exactly one record per step."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue  # a torn last line from a killed writer
-    if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+def default_sinks(cfg: Config) -> list:
+    from .sinks import ConsoleSink, JsonlSink, TensorBoardSink
+    sinks = [JsonlSink()]
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        sinks.append(TensorBoardSink())
+    except ImportError:  # tensorboard is an install requirement; keep training if it was removed
+        log.warning("tensorboard is not installed: no TensorBoard events")
+    return sinks + [ConsoleSink(cfg.train.steps, cfg.train.log_interval)]

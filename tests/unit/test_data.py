@@ -275,6 +275,30 @@ def test_corrupt_members_are_skipped_counted_and_logged(damaged, shards, caplog)
     assert (np.concatenate([head, tail]) == ref2).all()
 
 
+def test_flipped_bit_in_a_member_payload_is_caught_by_its_checksum(shards, tmp_path, caplog):
+    """One token id changed by one (still a valid id, so decoding alone would train on it): the member's
+    `.npy.xxh3` companion no longer matches; the member is skipped, counted and named, the rest read as before."""
+    d = str(tmp_path / "b")
+    shutil.copytree(shards["b"], d)
+    p2 = os.path.join(d, "shard-000002.tar")
+    name, offset = [m for m in _member_offsets(p2) if m[0].endswith(".npy")][1]
+    with open(p2, "r+b") as f:
+        f.seek(offset + 128 + 2 * 7)  # past the .npy header: the low byte of the 8th token id
+        b = f.read(1)
+        f.seek(offset + 128 + 2 * 7)
+        f.write(bytes([b[0] ^ 1]))
+    cfg = make_cfg([(d, 1.0)], lanes=1, batch=1, max_skip_fraction=0.1)
+    cfg.data.validation = d
+    total = json.load(open(os.path.join(d, "manifest.json")))["samples"]
+    with caplog.at_level(logging.WARNING, logger="bigtrain.data.loader"):
+        got = np.concatenate([b.numpy() for b in build_validation_source(cfg, 0, 1).batches(total - 4)])
+    plain = shard_rows(shards["b"])
+    keep = np.ones(len(plain), bool)
+    keep[24 + 4:24 + 8] = False  # shard 2 starts at sample 24; its second member holds samples 4-7
+    assert (got == plain[keep]).all()
+    assert f"shard-000002.tar member {name}: checksum mismatch" in caplog.text
+
+
 def test_skip_fraction_limit_stops_the_run(damaged):
     """6 bad of about 140 members: over 0.005 x max(members seen, 1000) within the first epoch."""
     damaged, _ = damaged

@@ -155,9 +155,10 @@ def log_text(folder: str, job: str, rank: int = 0) -> str:
     return text
 
 
-def all_job_ids() -> set[str]:
-    out = _run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-S", "2000-01-01"]).stdout.split()
-    return set(out) | set(_run(["squeue", "-h", "-o", "%i"]).stdout.split())
+def jobs_submitted() -> int:
+    """slurmctld's count of submitted jobs (immediate, unlike sacct, whose records of finished jobs may lag)."""
+    out = _run(["sdiag"]).stdout
+    return int(re.search(r"Jobs submitted:\s*(\d+)", out).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +332,7 @@ def test_failing_job_is_not_requeued(slurm_cluster, data, tmp_path):
 
 def test_dry_run_prints_the_script_and_queues_nothing(slurm_cluster, data, tmp_path):
     run_dir = str(tmp_path / "run")
-    before = all_job_ids()
+    before = jobs_submitted()
     proc = _run([sys.executable, "-m", "bigtrain", "submit", "/dev/null",
                  *overrides(data, run_dir, "train.micro_batch_size=1", "launch.signal_seconds=90"),
                  "--nodes", "2", "--gpus-per-node", "4", "--time", "30", "--partition", "gpu", "--account", "my acct",
@@ -345,7 +346,7 @@ def test_dry_run_prints_the_script_and_queues_nothing(slurm_cluster, data, tmp_p
     assert re.search(r"^srun .*--kill-on-bad-exit=1 .*-m submitit\.core\._submit ", out, re.M), out
     assert f"--output {run_dir}/slurm/%j_%t_log.out" in out
     assert "dry run: nothing submitted" in out
-    assert all_job_ids() == before
+    assert jobs_submitted() == before
     assert not os.path.exists(os.path.join(run_dir, "slurm"))
     # --cpu: no GPU request
     proc = _run([sys.executable, "-m", "bigtrain", "submit", "/dev/null", *overrides(data, run_dir), *CPU2,
@@ -361,13 +362,13 @@ def test_dry_run_prints_the_script_and_queues_nothing(slurm_cluster, data, tmp_p
 ])
 def test_bad_config_fails_before_queueing(slurm_cluster, data, tmp_path, bad, key):
     run_dir = str(tmp_path / "run")
-    before = all_job_ids()
+    before = jobs_submitted()
     proc = submit("/dev/null", *overrides(data, run_dir, bad), *CPU2, "--time", "5", timeout=300)
     assert proc.returncode == 2, proc.stdout
     errors = [line for line in proc.stdout.splitlines() if line.startswith("bigtrain: error:")]
     assert len(errors) == 1 and key in errors[0], proc.stdout
     assert "Traceback" not in proc.stdout
-    assert all_job_ids() == before
+    assert jobs_submitted() == before
     assert not os.path.exists(run_dir)
 
 

@@ -28,5 +28,10 @@ def test_bench_data_smoke(tmp_path):
 
 
 def test_bench_ckpt_smoke(tmp_path):
-    last = run("bench_ckpt.py", "--preset", "tiny", "--saves", "2", "--workdir", str(tmp_path))
+    last = run("bench_ckpt.py", "--preset", "tiny", "--saves", "2", "--restores", "1", "--workdir", str(tmp_path))
     assert re.fullmatch(r"stall_s=[\d.]+ write_GBps=[\d.]+ bytes=\d+ params=\d+", last), last
+
+
+def test_bench_guard_smoke(tmp_path):
+    last = run("bench_guard.py", "--steps", "10", "--workdir", str(tmp_path))
+    assert re.fullmatch(r"guard_us_per_step=\d+ step_ms=[\d.]+ guard_share=[\d.]+", last), last

@@ -1,6 +1,7 @@
 """Stopping early and coming back: signal -> checkpoint at the next step boundary -> requeue -> resume.
 
-Signals (recorded by a handler; acted on at a step boundary, where all ranks agree with one all-reduce):
+Signals (recorded by a handler; acted on at a step boundary, where all ranks agree through the step's one
+all-reduce, see loop.py):
 - SIGUSR1 / SIGUSR2: the job's time limit is near (`--signal=USR1@N` in bigtrain's sbatch files,
   `USR2` from submitit). bigtrain saves, then rank 0 requeues the job itself (`scontrol requeue`) while
   SLURM_RESTART_COUNT < launch.max_requeues.
@@ -18,12 +19,11 @@ import signal
 import subprocess
 import threading
 
-import torch
-import torch.distributed as dist
-
 from ..errors import BigtrainError
 
 log = logging.getLogger("bigtrain")
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: the run checkpointed and stopped early; it comes back when requeued
 
 TIME_LIMIT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = TIME_LIMIT_SIGNALS + (signal.SIGTERM,)
@@ -53,25 +53,21 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal = self.signal or signum
 
-    def requested(self) -> bool:
-        """Collective: True on every rank once any rank has received a stop signal."""
-        flag = torch.tensor([self.signal], dtype=torch.int64,
-                            device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            self.signal = int(flag.item())
-            self.reason = signal.Signals(self.signal).name
-            return True
-        return False
+    def agree(self, signum: int) -> bool:
+        """Adopt the signal the ranks agreed on (the largest any rank received; 0 = none). True when stopping."""
+        if signum:
+            self.signal = signum
+            self.reason = signal.Signals(signum).name
+        return bool(signum)
 
-    def requeue(self, max_requeues: int) -> str:
+    def requeue(self, max_requeues: int, rank: int) -> str:
         """After a time-limit signal, once the checkpoint is committed: rank 0 requeues the SLURM job.
         Returns what was done (for the run's events)."""
         if self.signal not in TIME_LIMIT_SIGNALS or "SLURM_JOB_ID" not in os.environ:
             return "none"
         if restart_count() >= max_requeues:
             return f"not requeued: {restart_count()} requeues already (launch.max_requeues={max_requeues})"
-        if dist.get_rank() != 0:
+        if rank != 0:
             return "requeued by rank 0"
         job = os.environ["SLURM_JOB_ID"]
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
