@@ -10,6 +10,7 @@ new content, never a torn file:
         save_file(tensors, tmp)
     with atomic_dir(path) as tmp:          # a whole directory, published by one rename
         ...
+    publish_dir(tmp, path)                 # a directory several writers filled aside (a checkpoint's ranks)
 
 The temporary name sits in the same directory (a rename never crosses file systems), starts with '.', and
 carries the writer's pid and thread so that concurrent writers never share one. With `fsync=True` (the
@@ -108,11 +109,18 @@ def atomic_dir(path: str, fsync: bool = True, replace: bool = False):
     os.makedirs(tmp)
     try:
         yield tmp
-        if fsync:
-            fsync_dir(tmp)
-        if os.path.isdir(path) and (replace or not os.listdir(path)):
-            shutil.rmtree(path) if replace else os.rmdir(path)
-        _publish(tmp, path, fsync)
+        publish_dir(tmp, path, fsync=fsync, replace=replace)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def publish_dir(tmp: str, path: str, fsync: bool = True, replace: bool = False) -> None:
+    """Publish a directory filled aside (by several writers, e.g. every rank's part of a checkpoint) under
+    `path` by one rename. `path` must not exist unless it is an empty directory, or `replace` is true (a torn
+    earlier attempt at the same name)."""
+    if fsync:
+        fsync_dir(tmp)
+    if os.path.isdir(path) and (replace or not os.listdir(path)):
+        shutil.rmtree(path) if replace else os.rmdir(path)
+    _publish(tmp, path, fsync)

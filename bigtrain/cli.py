@@ -1,4 +1,4 @@
-"""`bigtrain` command line: train, config, tokenizer, shards, submit, convert.
+"""`bigtrain` command line: train, config, tokenizer, shards, submit, convert, eval, generate, plot, lm-eval.
 
 Each subcommand parses its arguments here and calls one function of the package; user mistakes
 (`BigtrainError`) end as one `bigtrain: error: ...` line and exit status 2.
@@ -56,6 +56,30 @@ def _convert_from_hf(a):
     from_hf(a.src, a.out, gguf_file=a.gguf_file)
 
 
+def _eval(a):
+    from .eval.perplexity import main as run_eval
+    run_eval(a.src, a.data or [], a.batches, a.overrides)
+
+
+def _generate(a):
+    from .eval.generate import main as run_generate
+    run_generate(a.src, a.prompt or [], a.prompt_file, a.overrides, max_new_tokens=a.max_new_tokens,
+                 temperature=a.temperature, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache)
+
+
+def _plot(a):
+    from .eval.plot import plot_runs
+    print(plot_runs(a.runs, a.output, x=a.x))
+
+
+def _lm_eval(a):
+    import json
+    from .eval.harness import lm_eval_run
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
+    print(json.dumps(lm_eval_run(a.src, tasks=tasks, limit=a.limit, output=a.output, include_path=a.include_path,
+                                 device=a.device, batch_size=a.batch_size, tokenizer=a.tokenizer), indent=1))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigtrain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +133,28 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--wait", action="store_true", help="wait for the job and print its final state")
     sb.set_defaults(func=_submit)
 
+    ev = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint, in any layout (one JSON object)")
+    ev.add_argument("src", help="a run directory, its checkpoints/ directory or one checkpoint")
+    ev.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tensor=2 train.global_batch_size=16")
+    ev.add_argument("--data", action="append", metavar="NAME=PATH",
+                    help="a set: shard directory or text/jsonl files (tokenized with the run's tokenizer); "
+                         "repeatable; default: the run's data.validation")
+    ev.add_argument("--batches", type=int, default=None, help="at most this many global batches per set")
+    ev.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="sample from a checkpoint, in any layout (one JSON object per prompt)")
+    g.add_argument("src", help="a run directory, its checkpoints/ directory or one checkpoint")
+    g.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tensor=2 data.tokenizer=PATH")
+    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeatable")
+    g.add_argument("--prompt-file", default=None, help='prompts, one per line, or a .jsonl of {"prompt": ...}')
+    g.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (EOS ends earlier)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (argmax)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                   "whose probability reaches this")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (set anew for each prompt)")
+    g.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole prefix for each new token")
+    g.set_defaults(func=_generate)
+
     cv = sub.add_parser("convert", help="convert to and from Hugging Face Llama").add_subparsers(
         dest="conv_command", required=True)
     th = cv.add_parser("to-hf", help="bigtrain checkpoint (or run directory) -> HF Llama directory")
@@ -121,6 +167,28 @@ def parser() -> argparse.ArgumentParser:
     fh.add_argument("out")
     fh.add_argument("--gguf-file", default=None, help="read weights from this GGUF file inside SRC")
     fh.set_defaults(func=_convert_from_hf)
+
+    pl = sub.add_parser("plot", help="training curves of one or more runs in one PNG (loss, validation "
+                                     "perplexity, lr, tokens/s)")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics.jsonl)")
+    pl.add_argument("-o", "--output", default="curves.png", help="PNG to write (default curves.png)")
+    pl.add_argument("--x", choices=("step", "tokens"), default="step",
+                    help="x axis: optimizer step, or tokens seen (from each run's config.yaml)")
+    pl.set_defaults(func=_plot)
+
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness, offline, on a run/checkpoint (exported first) "
+                                        "or an HF directory; prints one JSON object")
+    le.add_argument("src", help="run directory, checkpoint, or exported HF directory (with config.json)")
+    le.add_argument("--tasks", default=None, help="comma-separated task names (default: the shipped bigtrain_mc,"
+                                                  "bigtrain_text)")
+    le.add_argument("--limit", type=float, default=None, help="at most N documents per task (a fraction if < 1)")
+    le.add_argument("--output", default=None, help="also write the JSON object to this file")
+    le.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAMLs (local data)")
+    le.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    le.add_argument("--batch-size", default="8", help="batch size, or 'auto' (default 8)")
+    le.add_argument("--tokenizer", default=None, help="tokenizer to export with a run/checkpoint (default: the "
+                                                      "run's data.tokenizer)")
+    le.set_defaults(func=_lm_eval)
     return p
 
 

@@ -42,7 +42,7 @@ def bigtrain_run(w: dict, steps: int, warmup: int, work: str, overrides: list[st
     from bigtrain.data.shards import ShardWriter
     from bigtrain.model import build_model
     from bigtrain.parallel import build_engine, init_model_parallel, setup, train_step
-    from bigtrain.train.loop import lr_at, set_lr
+    from bigtrain.train.lr import lr_at, set_lr
     from bigtrain.train.metrics import flops_per_token, num_params, peak_memory_gib
     from megatron.core import parallel_state as ps
 

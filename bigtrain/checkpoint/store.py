@@ -109,9 +109,9 @@ class Chunk:
 class Reader:
     """Assembles rectangles of full tensors from a checkpoint's pieces."""
 
-    def __init__(self, path: str, meta: dict | None = None):
+    def __init__(self, path: str):
         self.path = path
-        self.meta = meta or validate(path)
+        self.meta = validate(path)
         self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in self.meta["tensors"].items()}
         self.chunks: dict[tuple[str, str], list[Chunk]] = {}
         for e in self.meta["pieces"]:
@@ -124,14 +124,14 @@ class Reader:
             self._files[file] = safe_open(os.path.join(self.path, file), framework="pt")
         return self._files[file]
 
-    def read(self, kind: str, name: str, offsets=None, shape=None, dtype=torch.float32) -> torch.Tensor:
-        """The rectangle (offsets, shape) of tensor `name` (default: all of it)."""
+    def read(self, kind: str, name: str, offsets=None, shape=None) -> torch.Tensor:
+        """The rectangle (offsets, shape) of tensor `name` (default: all of it), in fp32."""
         if name not in self.shapes:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         full = self.shapes[name]
         offsets = offsets or (0,) * len(full)
         shape = shape or full
-        out = torch.empty(shape, dtype=dtype)
+        out = torch.empty(shape, dtype=torch.float32)
         filled = 0
         for c in self.chunks.get((kind, name), []):
             lo = [max(a, b) for a, b in zip(offsets, c.offsets)]
@@ -148,6 +148,79 @@ class Reader:
 
     def close(self) -> None:
         self._files.clear()
+
+
+class SafetensorsFiles:
+    """Tensors written into safetensors files of at most `limit` bytes each, in a directory of their own (one
+    published as a whole, e.g. through `atomic_dir`): `add()` them in order, `close(names)` names the files --
+    `names(n)` gives the n final names -- and returns {tensor key: file name}; `sizes` then holds each file's size."""
+
+    def __init__(self, directory: str, limit: int, metadata: dict | None = None):
+        self.directory, self.limit, self.metadata = directory, limit, metadata
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.where: dict[str, int] = {}   # tensor key -> file number
+        self.count = 0
+        self.sizes: dict[str, int] = {}
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.current and self.size + nbytes > self.limit:
+            self._flush()
+        self.current[key] = t.contiguous()
+        self.where[key] = self.count
+        self.size += nbytes
+        self.total += nbytes
+
+    def _part(self, n: int) -> str:
+        return os.path.join(self.directory, f".part-{n:05d}.safetensors")
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+        save_file(self.current, self._part(self.count), metadata=self.metadata)
+        self.count += 1
+        self.current, self.size = {}, 0
+
+    def close(self, names) -> dict[str, str]:
+        if self.current:
+            self._flush()
+        final = names(self.count)
+        for i, name in enumerate(final):
+            os.replace(self._part(i), os.path.join(self.directory, name))
+            self.sizes[name] = os.path.getsize(os.path.join(self.directory, name))
+        return {k: final[i] for k, i in self.where.items()}
+
+
+class FullCheckpointWriter:
+    """A checkpoint of whole tensors written by one process (an import from Hugging Face): weights only, no
+    optimizer state, files `rank-NNNNN.safetensors` of at most `limit` bytes, meta.json last. Write it into a
+    directory published as a whole (`atomic_dir`)."""
+
+    def __init__(self, directory: str, limit: int):
+        self.directory = directory
+        self.files = SafetensorsFiles(directory, limit)
+        self.pieces, self.shapes = [], {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        key = f"model/{name}/0"
+        self.files.add(key, t.to(torch.float32))
+        self.shapes[name] = list(t.shape)
+        self.pieces.append(dict(kind="model", name=name, key=key, offsets=[0] * t.ndim, shape=list(t.shape)))
+
+    def close(self, **meta) -> dict:
+        """Write meta.json (`meta`: config, step, reason, layout, ...); returns it."""
+        import time as _time
+
+        from ..atomic import write_json
+        where = self.files.close(lambda n: [f"rank-{i:05d}.safetensors" for i in range(n)])
+        for e in self.pieces:
+            e["file"] = where[e["key"]]
+        out = dict(format=FORMAT, step=0, time=_time.time(), optimizer_step=None, data=None, **meta,
+                   files=self.files.sizes, checksums={n: file_checksum(os.path.join(self.directory, n))
+                                                      for n in self.files.sizes},
+                   pieces=self.pieces, tensors=self.shapes)
+        write_json(os.path.join(self.directory, "meta.json"), out)
+        return out
 
 
 def list_steps(ckpt_root: str) -> list[int]:
@@ -196,3 +269,26 @@ def resolve(path: str, verify_files: bool = True) -> str:
             raise CheckpointError(f"{root}: no complete checkpoint among {len(list_steps(root))} step directories"
                                   + (f" (newest: {skipped[0]})" if skipped else ""))
     raise CheckpointError(f"{path}: not a checkpoint, run directory or checkpoints directory")
+
+
+def checkpoint_config(meta: dict, path: str, overrides=()):
+    """The run config a checkpoint was saved with (its meta.json), with `key=value` overrides on top."""
+    from ..config import ConfigError, load_config
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}/meta.json holds no bigtrain config")
+    try:
+        return load_config(None, list(overrides), base=meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its meta.json holds no usable bigtrain config ({e})") from None
+
+
+def checkpoint_tokenizer(cfg, path: str) -> str:
+    """The tokenizer of a checkpoint's run (`data.tokenizer`), or the one an import carries beside it ("" when
+    there is none)."""
+    if cfg.data.tokenizer and os.path.exists(cfg.data.tokenizer):
+        return cfg.data.tokenizer
+    for root in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.exists(os.path.join(root, name)):
+                return os.path.join(root, name)
+    return cfg.data.tokenizer

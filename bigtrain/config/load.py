@@ -6,6 +6,7 @@ closest valid one, wrong types with the expected type, values outside a fixed se
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -22,9 +23,11 @@ class ConfigError(BigtrainError, ValueError):
     """A config mistake; its message is one line naming the key and what was expected."""
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or start from defaults), apply `key=value` overrides, validate."""
-    data: dict = {}
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Read a YAML config (or start from `base`, a config as `to_dict` gives it, or from defaults), apply
+    `key=value` overrides, validate."""
+    data: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         try:
             with open(path) as f:
@@ -121,11 +124,6 @@ def _coerce(tp, value, key):
         value = value.raw if tp is str else value.value
     origin = get_origin(tp)
     bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        (inner,) = [a for a in get_args(tp) if a is not type(None)]
-        return _coerce(inner, value, key)
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -133,6 +131,8 @@ def _coerce(tp, value, key):
         return value
     if origin is list:
         (inner,) = get_args(tp)
+        if dataclasses.is_dataclass(inner) and {"name", "path"} <= {f.name for f in dataclasses.fields(inner)}:
+            value = _named_paths(value)
         if not isinstance(value, list):
             raise bad
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -164,6 +164,18 @@ def _coerce(tp, value, key):
             raise bad
         return str(value)
     raise bad
+
+
+def _named_paths(value):
+    """Shorthands for a list of named paths (data.sources, data.validation): one path, or a {name: path} mapping."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, dict):
+        if "path" in value:
+            return [value]
+        if all(isinstance(v, str) for v in value.values()):
+            return [{"name": k, "path": v} for k, v in value.items()]
+    return value
 
 
 def check(cfg: Config) -> None:
@@ -220,6 +232,13 @@ def check(cfg: Config) -> None:
     for i, s in enumerate(cfg.data.sources):
         need(s.path, f"config key 'data.sources[{i}].path': expected a path, got nothing")
         need(s.weight > 0, f"config key 'data.sources[{i}].weight': expected > 0, got {s.weight}")
+    names = [name for name, _ in cfg.data.validation_sets()]
+    for i, (name, (_, path)) in enumerate(zip(names, cfg.data.validation_sets())):
+        need(path, f"config key 'data.validation[{i}].path': expected a path, got nothing")
+        need(names.count(name) == 1, f"config key 'data.validation[{i}]': the name '{name}' is used twice (name the "
+                                     "sets: data.validation={name: path, ...})")
+        need("/" not in name and name.strip() == name and name,
+             f"config key 'data.validation[{i}].name': {name!r} is not usable as a metric name (no '/', no blanks)")
     g = cfg.guard
     for key, v in [("guard.max_consecutive_skips", g.max_consecutive_skips), ("guard.spike_window", g.spike_window),
                    ("guard.rewind_window", g.rewind_window), ("checkpoint.max_failures", cfg.checkpoint.max_failures)]:
@@ -230,6 +249,12 @@ def check(cfg: Config) -> None:
         need(v >= 0, f"config key '{key}': expected >= 0, got {v}")
     need(g.spike_warmup <= g.spike_window, f"config key 'guard.spike_warmup': {g.spike_warmup} is more than "
                                            f"guard.spike_window={g.spike_window}")
+    d = cfg.distill
+    need(0 <= d.alpha <= 1, f"config key 'distill.alpha': expected a value in [0, 1], got {d.alpha}")
+    need(d.temperature > 0, f"config key 'distill.temperature': expected > 0, got {d.temperature}")
+    need(not d.teacher or p.pipeline == 1,
+         "unsupported: distill.teacher with parallel.pipeline > 1 (the teacher runs beside the student in its "
+         "tensor-parallel layout only); use tensor and data parallelism")
     for i, f in enumerate(cfg.debug.faults):
         need(f.batch >= 0 and f.rank >= 0, f"config key 'debug.faults[{i}]': batch and rank must be >= 0, "
                                            f"got batch={f.batch} rank={f.rank}")
@@ -262,7 +287,8 @@ def describe(cfg, prefix: str = "") -> list[str]:
             lines.append(f"# {key}: {doc}")
             lines += describe(value, key + ".")
         else:
-            shown = [dataclasses.asdict(v) for v in value] if isinstance(value, list) else value
+            shown = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value] \
+                if isinstance(value, list) else value
             lines.append(f"{key} = {shown!r}    # {doc}")
     return lines
 

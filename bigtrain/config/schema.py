@@ -6,8 +6,9 @@ YAML values) are applied on top. See `bigtrain.config.load`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -96,6 +97,13 @@ class TrainConfig:
     """Evaluate on `data.validation` every this many steps; 0 disables evaluation."""
     eval_batches: int = 4
     """Global batches per evaluation."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts the training model continues greedily at each evaluation (every `train.eval_interval` steps, with
+    `data.validation` set); each sample is logged to TensorBoard (text `samples/<i>`) and as an events.jsonl
+    event `sample` {prompt, completion}. Sampling draws no random numbers: training is bitwise the same with or
+    without it. Empty = no samples."""
+    sample_max_new_tokens: int = 32
+    """New tokens per in-loop sample (fewer at EOS or when the prompt and sample fill `model.seq_length`)."""
     peak_tflops: float = 989.0
     """Dense peak TFLOP/s per device in the training precision, the denominator of MFU
     (989 = H100 SXM bf16). On CPU the reported MFU is not meaningful."""
@@ -132,11 +140,22 @@ class DataSource:
 
 
 @dataclass
+class ValidationSet:
+    path: str = ""
+    """Held-out shards (same forms as a source path)."""
+    name: str = ""
+    """Its name in metrics (`val/<name>/loss`); defaults to the path's basename."""
+
+
+@dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     """Training sources blended by weight (`data.sources=[{path: DIR, weight: 1}]`)."""
-    validation: str = ""
-    """Held-out shards for evaluation (same forms as a source path); empty = no evaluation data."""
+    validation: list[ValidationSet] = field(default_factory=list)
+    """Held-out sets, each evaluated every `train.eval_interval` steps: one path (`data.validation=DIR`), a list
+    of paths or of `{name, path}`, or a mapping `{name: path}`. Each logs `val/<name>/loss` and `val/<name>/ppl`
+    (token-weighted over `train.eval_batches` global batches, the same under any layout); `val_loss` is the first
+    set's loss. Empty = no evaluation."""
     tokenizer: str = ""
     """Tokenizer: a sentencepiece `.model` file or an HF `tokenizer.json`. Checked against the shards' manifest."""
     lanes: int = 0
@@ -152,6 +171,13 @@ class DataConfig:
     prepare: Literal["", "stdlib"] = ""
     """Build the tokenizer and shards this section names from a built-in corpus when they are missing
     (`stdlib`: the Python standard library's sources, no download)."""
+
+    def validation_sets(self) -> list[tuple[str, str]]:
+        """(name, path) of each held-out set, names defaulting to the path's basename (a plain string assigned in
+        code is one set)."""
+        v = self.validation
+        items = ([ValidationSet(path=v)] if v else []) if isinstance(v, str) else v
+        return [(s.name or os.path.basename(s.path.rstrip("/")) or s.path, s.path) for s in items]
 
 
 @dataclass
@@ -229,6 +255,22 @@ class DebugConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""
+    """Distil from this frozen teacher: a bigtrain checkpoint or run directory (an HF model after `bigtrain convert
+    from-hf`). It may differ from the student in width and depth but must share its tokenizer and padded
+    vocabulary. Empty = no distillation. The resolved checkpoint is recorded in the run's checkpoints; a resume
+    reloads exactly that one."""
+    alpha: float = 0.5
+    """The mix: loss = (1 - alpha) * cross-entropy + alpha * KD, per trained token."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions in the KD term."""
+    scale_by_t2: bool = True
+    """Multiply the KD term by temperature^2 (Hinton et al.): its gradients then keep their size as the
+    temperature changes, so `alpha` means the same at any temperature."""
+
+
+@dataclass
 class LaunchConfig:
     max_requeues: int = 20
     """Most times a SLURM job requeues itself after a preemption or time limit."""
@@ -257,6 +299,8 @@ class Config:
     """What keeps a run from going bad silently: non-finite steps, loss spikes, rewinds."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection for trying the guards (off unless set)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Teacher-student distillation (off unless `distill.teacher` is set)."""
 
 
 def kv_heads(m: ModelConfig) -> int:

@@ -7,18 +7,9 @@ from-hf: an HF Llama-architecture directory (safetensors, PyTorch weights loaded
          or a GGUF file dequantised by transformers) -> a bigtrain checkpoint that
          `bigtrain train ... checkpoint.load=OUT` starts from on any layout.
 
-Name map (megatron-core GPT <-> HF Llama), per layer i:
-    decoder.layers.i.input_layernorm.weight            model.layers.i.input_layernorm.weight
-    decoder.layers.i.self_attention.linear_qkv.weight  q_proj, k_proj, v_proj (megatron interleaves per KV group:
-                                                       [q heads of group g; k_g; v_g] for g in groups)
-    decoder.layers.i.self_attention.linear_proj.weight o_proj
-    decoder.layers.i.pre_mlp_layernorm.weight          post_attention_layernorm
-    decoder.layers.i.mlp.linear_fc1.weight             [gate_proj; up_proj]
-    decoder.layers.i.mlp.linear_fc2.weight             down_proj
-and embedding.word_embeddings.weight / model.embed_tokens.weight, decoder.final_layernorm.weight /
-model.norm.weight, output_layer.weight / lm_head.weight. RoPE needs no permutation: megatron's
-non-interleaved rotary embedding is HF's rotate_half. bigtrain pads the vocabulary (model.vocab_pad_multiple);
-the padded rows are dropped on export and zero-filled on import.
+The name map is names.py (one declarative table, read in both directions); the checkpoint side is written by
+bigtrain.checkpoint (FullCheckpointWriter) and read by its Reader; every output directory is published whole
+(bigtrain.atomic.atomic_dir): a failed conversion leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -27,17 +18,16 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..atomic import fsync_dir, write_json
-from ..checkpoint.store import FORMAT, Reader, resolve
-from ..config import Config, ConfigError, ModelConfig, ffn_size, kv_heads, padded_vocab
-from ..config.load import from_dict
+from ..atomic import atomic_dir, write_json
+from ..checkpoint.store import (FullCheckpointWriter, Reader, SafetensorsFiles, checkpoint_config, checkpoint_tokenizer,
+                               resolve)
+from ..config import Config, ModelConfig, ffn_size, kv_heads
 from ..errors import BigtrainError
+from .names import rules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SHARD_BYTES = 2 * 2**30
@@ -45,32 +35,6 @@ MAX_SHARD_BYTES = 2 * 2**30
 
 class ConversionError(BigtrainError):
     """A model or checkpoint the converter cannot map."""
-
-
-# --- the name map -------------------------------------------------------------------------------------------
-
-def layer_map(i: int) -> list[tuple[str, str]]:
-    """(HF name, bigtrain name) pairs of layer i that map one to one."""
-    h, b = f"model.layers.{i}.", f"decoder.layers.{i}."
-    return [(h + "input_layernorm.weight", b + "input_layernorm.weight"),
-            (h + "self_attn.o_proj.weight", b + "self_attention.linear_proj.weight"),
-            (h + "post_attention_layernorm.weight", b + "pre_mlp_layernorm.weight"),
-            (h + "mlp.down_proj.weight", b + "mlp.linear_fc2.weight")]
-
-
-def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, hd = kv_heads(m), m.hidden_size // m.num_attention_heads
-    per = m.num_attention_heads // groups
-    w = qkv.view(groups, per + 2, hd, -1)
-    return (w[:, :per].reshape(groups * per * hd, -1), w[:, per].reshape(groups * hd, -1),
-            w[:, per + 1].reshape(groups * hd, -1))
-
-
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
-    groups, hd = kv_heads(m), m.hidden_size // m.num_attention_heads
-    per = m.num_attention_heads // groups
-    h = q.shape[-1]
-    return torch.cat([q.view(groups, per, hd, h), k.view(groups, 1, hd, h), v.view(groups, 1, hd, h)], 1).reshape(-1, h)
 
 
 # --- HF config <-> bigtrain model config ------------------------------------------------------------------
@@ -138,70 +102,17 @@ def hf_config(m: ModelConfig, extra: dict, dtype: str):
         pad_token_id=extra.get("pad_token_id"), architectures=["LlamaForCausalLM"], dtype=dtype)
 
 
-# --- writing an output directory atomically -----------------------------------------------------------------
-
-class _Output:
-    """Writes into OUT.partial, renamed to OUT at the end; nothing is left in OUT when anything fails."""
-
-    def __init__(self, out: str):
-        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-            raise ConversionError(f"output {out} already exists and is not empty")
-        self.out, self.tmp = out.rstrip("/"), out.rstrip("/") + ".partial"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.tmp, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        fsync_dir(self.tmp)
-        if os.path.isdir(self.out):
-            os.rmdir(self.out)  # an empty directory given as OUT
-        os.replace(self.tmp, self.out)
-        return False
+def _check_transformers() -> None:
+    import transformers
+    if int(transformers.__version__.split(".")[0]) != 5:
+        raise ConversionError(f"transformers {transformers.__version__} is installed; bigtrain reads and writes "
+                              "transformers 5's Llama config (rope_parameters, dtype): pip install 'transformers>=5,<6'")
 
 
-class _ShardedWriter:
-    """Collects tensors and writes them as safetensors files of at most `limit` bytes."""
-
-    def __init__(self, output: _Output, name: str, limit: int, metadata: dict | None = None):
-        self.output, self.name, self.limit, self.metadata = output, name, limit, metadata
-        self.files: list[dict[str, torch.Tensor]] = []
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = self.total = 0
-        self.where: dict[str, int] = {}
-        self.sizes: dict[str, int] = {}
-
-    def add(self, key: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.current and self.size + nbytes > self.limit:
-            self._flush()
-        self.current[key] = t.contiguous()
-        self.where[key] = len(self.files)
-        self.size += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        self.files.append(list(self.current))
-        save_file(self.current, self.output.path(f"{self.name}-{len(self.files):05d}.tmp"), metadata=self.metadata)
-        self.current, self.size = {}, 0
-
-    def close(self, single_name: str) -> dict[str, str]:
-        """Rename the parts to their final names; returns {tensor key: file name}."""
-        if self.current:
-            self._flush()
-        n = len(self.files)
-        names = [single_name] if n == 1 else [f"{self.name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for i, final in enumerate(names):
-            os.replace(self.output.path(f"{self.name}-{i + 1:05d}.tmp"), self.output.path(final))
-            self.sizes[final] = os.path.getsize(self.output.path(final))
-        return {k: names[i] for k, i in self.where.items()}
+def _check_out(out: str) -> None:
+    _check_transformers()
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConversionError(f"output {out} already exists and is not empty")
 
 
 def _progress(total: int, desc: str):
@@ -211,25 +122,18 @@ def _progress(total: int, desc: str):
 
 # --- to-hf --------------------------------------------------------------------------------------------------
 
-def _run_config(meta: dict, path: str) -> Config:
-    try:
-        return from_dict(Config, meta["config"], "")
-    except (KeyError, ConfigError) as e:
-        raise ConversionError(f"{path}: its meta.json holds no usable bigtrain config ({e})") from None
-
-
 def to_hf(src: str, out: str, tokenizer: str | None = None, dtype: str | None = None,
           max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
     """Export a bigtrain checkpoint (or a run directory's newest one) as an HF Llama directory."""
     path = resolve(src)
     reader = Reader(path)
-    cfg = _run_config(reader.meta, path)
+    cfg = checkpoint_config(reader.meta, path)
     m = cfg.model
     extra = reader.meta.get("hf", {})
     dtype = dtype or extra.get("torch_dtype") or ("bfloat16" if cfg.train.precision == "bf16" else "float32")
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    tok_path = tokenizer if tokenizer is not None else cfg.data.tokenizer
+    tok_path = tokenizer if tokenizer is not None else checkpoint_tokenizer(cfg, path)
     tok = _load_tokenizer(tok_path) if tok_path else None
     if tok is not None:
         if tok.vocab_size > m.vocab_size:
@@ -237,41 +141,28 @@ def to_hf(src: str, out: str, tokenizer: str | None = None, dtype: str | None = 
         extra = {**extra, "bos_token_id": extra.get("bos_token_id", tok.bos_id), "eos_token_id": extra.get("eos_token_id", tok.eos_id)}
     torch_dtype = DTYPES[dtype]
 
-    def get(name):
-        return reader.read("model", name).to(torch_dtype)
-
-    names = [("model.embed_tokens.weight", None)] + [(None, i) for i in range(m.num_layers)] + [("model.norm.weight", None)]
-    total = 3 + 7 * m.num_layers
-    with _Output(out) as output:
-        writer = _ShardedWriter(output, "model", max_shard_bytes, metadata={"format": "pt"})
-        with _progress(total, f"to-hf {os.path.basename(path)}") as bar:
-            writer.add("model.embed_tokens.weight", get("embedding.word_embeddings.weight")[: m.vocab_size])
-            bar.update(1)
-            for i in range(m.num_layers):
-                for hf_name, bt_name in layer_map(i):
-                    writer.add(hf_name, get(bt_name))
-                q, k, v = split_qkv(get(f"decoder.layers.{i}.self_attention.linear_qkv.weight"), m)
-                for proj, t in zip("qkv", (q, k, v)):
-                    writer.add(f"model.layers.{i}.self_attn.{proj}_proj.weight", t.clone())
-                gate, up = get(f"decoder.layers.{i}.mlp.linear_fc1.weight").chunk(2)
-                writer.add(f"model.layers.{i}.mlp.gate_proj.weight", gate.clone())
-                writer.add(f"model.layers.{i}.mlp.up_proj.weight", up.clone())
-                bar.update(7)
-            writer.add("model.norm.weight", get("decoder.final_layernorm.weight"))
-            if not m.tie_embeddings:
-                writer.add("lm_head.weight", get("output_layer.weight")[: m.vocab_size])
-            bar.update(2)
-        weight_map = writer.close("model.safetensors")
+    table = rules(m)
+    _check_out(out)
+    with atomic_dir(out) as tmp:
+        writer = SafetensorsFiles(tmp, max_shard_bytes, metadata={"format": "pt"})
+        with _progress(len(table), f"to-hf {os.path.basename(path)}") as bar:
+            for rule in table:
+                full = reader.read("model", rule.ours).to(torch_dtype)
+                for name, t in zip(rule.theirs, rule.how.to_hf(full, m)):
+                    writer.add(name, t)
+                bar.update(1)
+        weight_map = writer.close(lambda n: ["model.safetensors"] if n == 1 else
+                                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         if len(writer.sizes) > 1:
-            write_json(output.path("model.safetensors.index.json"),
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
                        {"metadata": {"total_size": writer.total}, "weight_map": dict(sorted(weight_map.items()))})
         config = hf_config(m, extra, dtype)
-        config.save_pretrained(output.tmp)
+        config.save_pretrained(tmp)
         from transformers import GenerationConfig
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                         pad_token_id=config.pad_token_id, do_sample=False).save_pretrained(output.tmp)
+                         pad_token_id=config.pad_token_id, do_sample=False).save_pretrained(tmp)
         if tok is not None:
-            _export_tokenizer(tok_path, tok, output.tmp, m.seq_length)
+            _export_tokenizer(tok_path, tok, tmp, m.seq_length)
     reader.close()
     print(f"wrote {out}: {m.num_layers} layers, vocab {m.vocab_size}, {dtype}, {len(writer.sizes)} weight file(s)",
           file=sys.stderr)
@@ -283,15 +174,34 @@ def _load_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+# what travels with a model's tokenizer.json / tokenizer.model: from an HF directory into an import, from an
+# import (or a run's tokenizer directory) into an export
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+def _copy_beside(path: str, out: str, names, replace: bool = True) -> list[str]:
+    """Copy the files `names` that lie beside `path` into `out`; returns those copied."""
+    done = []
+    for name in names:
+        src, dst = os.path.join(os.path.dirname(path), name), os.path.join(out, name)
+        if os.path.isfile(src) and (replace or not os.path.exists(dst)):
+            shutil.copy(src, dst)
+            done.append(name)
+    return done
+
+
 def _export_tokenizer(path: str, tok, out: str, max_length: int) -> None:
-    """Tokenizer files for `transformers.AutoTokenizer`. A sentencepiece model becomes a Llama tokenizer
-    (converted once to tokenizer.json, so loading it needs no sentencepiece); a tokenizer.json is copied."""
+    """Tokenizer files for `transformers.AutoTokenizer`. A tokenizer.json is copied, with the tokenizer_config.json,
+    special_tokens_map.json and chat template beside it (an import carries its model's); a sentencepiece model
+    becomes a Llama tokenizer (converted once to tokenizer.json, so loading it needs no sentencepiece), configured
+    by the tokenizer_config.json beside it when it is an import's tokenizer.model."""
     from transformers import AutoTokenizer
     if path.endswith(".json"):
         shutil.copy(path, os.path.join(out, "tokenizer.json"))
         beside = os.path.join(os.path.dirname(path), "tokenizer_config.json")
         if os.path.exists(beside):
-            shutil.copy(beside, os.path.join(out, "tokenizer_config.json"))
+            _copy_beside(path, out, TOKENIZER_EXTRAS)
         else:
             def piece(i):
                 return tok._hf.id_to_token(i) if i is not None else None
@@ -308,10 +218,13 @@ def _export_tokenizer(path: str, tok, out: str, max_length: int) -> None:
     os.makedirs(staging)
     try:
         shutil.copy(path, os.path.join(staging, "tokenizer.model"))
-        write_json(os.path.join(staging, "tokenizer_config.json"), dict(
-            tokenizer_class="LlamaTokenizer", bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id),
-            unk_token=piece(sp.unk_id()), add_bos_token=False, add_eos_token=False, legacy=True,
-            model_max_length=max_length))
+        # an import's own tokenizer.model: its tokenizer_config.json (chat template...) goes along
+        carried = _copy_beside(path, staging, TOKENIZER_EXTRAS) if os.path.basename(path) == "tokenizer.model" else []
+        if "tokenizer_config.json" not in carried:
+            write_json(os.path.join(staging, "tokenizer_config.json"), dict(
+                tokenizer_class="LlamaTokenizer", bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id),
+                unk_token=piece(sp.unk_id()), add_bos_token=False, add_eos_token=False, legacy=True,
+                model_max_length=max_length))
         AutoTokenizer.from_pretrained(staging).save_pretrained(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -368,64 +281,57 @@ def _hf_tensors(src: str, gguf_file: str | None):
     return hf, getters
 
 
+def _carry_tokenizer(src: str, gguf_file: str | None, out: str) -> str:
+    """Put the model's tokenizer into the import `out`: the tokenizer files of the HF directory `src`, or, for a
+    GGUF file without them, the tokenizer transformers reads from the GGUF. Returns the file `data.tokenizer`
+    names (tokenizer.json, else tokenizer.model), or "" when there is none."""
+    copied = _copy_beside(os.path.join(src, "config.json"), out, TOKENIZER_FILES + TOKENIZER_EXTRAS)
+    if not any(name in copied for name in TOKENIZER_FILES) and gguf_file:
+        from transformers import AutoTokenizer
+        try:
+            AutoTokenizer.from_pretrained(src, gguf_file=gguf_file).save_pretrained(out)
+        except Exception as e:
+            print(f"from-hf: no tokenizer in {os.path.join(src, gguf_file)} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+    return next((name for name in TOKENIZER_FILES if os.path.exists(os.path.join(out, name))), "")
+
+
 def from_hf(src: str, out: str, gguf_file: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
     """Import an HF Llama model as a bigtrain checkpoint (weights only: step 0, no optimizer state)."""
     hf, tensors = _hf_tensors(src, gguf_file)
     m, extra = model_from_hf(hf, os.path.join(src, gguf_file or "config.json"))
     cfg = Config(model=m)
-    vocab = padded_vocab(m)
+    table = rules(m)
 
     def take(name):
         if name not in tensors:
             raise ConversionError(f"{src}: weight {name} is missing")
         return tensors[name]().to(torch.float32)
 
-    def padded(t):
-        return torch.cat([t, t.new_zeros(vocab - t.shape[0], t.shape[1])]) if vocab > t.shape[0] else t
-
-    expected = {"model.embed_tokens.weight", "model.norm.weight"} | ({"lm_head.weight"} if not m.tie_embeddings else set())
-    for i in range(m.num_layers):
-        expected |= {h for h, _ in layer_map(i)} | {f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkv"} | \
-                    {f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up")}
+    expected = {n for rule in table for n in rule.theirs}
     unknown = sorted(set(tensors) - expected - {"lm_head.weight"} - {k for k in tensors if k.endswith("rotary_emb.inv_freq")})
     if unknown:
         raise ConversionError(f"{src}: weights with no mapping in bigtrain's Llama: {', '.join(unknown[:5])}"
                               + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
 
-    with _Output(out) as output:
-        writer = _ShardedWriter(output, "rank", max_shard_bytes)
-        pieces, shapes = [], {}
-
-        def put(name, t):
-            writer.add(f"model/{name}/0", t)
-            shapes[name] = list(t.shape)
-            pieces.append(dict(kind="model", name=name, key=f"model/{name}/0", offsets=[0] * t.ndim, shape=list(t.shape)))
-
-        with _progress(3 + 7 * m.num_layers, f"from-hf {os.path.basename(src.rstrip('/'))}") as bar:
-            put("embedding.word_embeddings.weight", padded(take("model.embed_tokens.weight")))
-            for i in range(m.num_layers):
-                for hf_name, bt_name in layer_map(i):
-                    put(bt_name, take(hf_name))
-                p = f"model.layers.{i}."
-                put(f"decoder.layers.{i}.self_attention.linear_qkv.weight",
-                    merge_qkv(*(take(p + f"self_attn.{x}_proj.weight") for x in "qkv"), m))
-                put(f"decoder.layers.{i}.mlp.linear_fc1.weight",
-                    torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-                bar.update(7)
-            put("decoder.final_layernorm.weight", take("model.norm.weight"))
-            if not m.tie_embeddings:
-                put("output_layer.weight", padded(take("lm_head.weight")))
-            bar.update(3)
-        files = writer.close("rank-00000.safetensors")
-        for e in pieces:
-            e["file"] = files[e["key"]]
-        write_json(output.path("meta.json"), dict(
-            format=FORMAT, step=0, reason="from-hf", time=time.time(), layout={"source": "huggingface"},
-            optimizer_step=None, data=None, config=dataclasses.asdict(cfg), hf=extra,
-            files=writer.sizes, pieces=pieces, tensors=shapes))
-        with open(output.path("model.yaml"), "w") as f:
+    _check_out(out)
+    with atomic_dir(out) as tmp:
+        writer = FullCheckpointWriter(tmp, max_shard_bytes)
+        with _progress(len(table), f"from-hf {os.path.basename(src.rstrip('/'))}") as bar:
+            for rule in table:
+                writer.add(rule.ours, rule.how.from_hf([take(n) for n in rule.theirs], m))
+                bar.update(1)
+        carried = _carry_tokenizer(src, gguf_file, tmp)
+        if carried:  # the path it will have once published
+            cfg.data = dataclasses.replace(cfg.data, tokenizer=os.path.join(os.path.abspath(out), carried))
+        writer.close(reason="from-hf", layout={"source": "huggingface"}, config=dataclasses.asdict(cfg), hf=extra)
+        with open(os.path.join(tmp, "model.yaml"), "w") as f:
             import yaml
-            yaml.safe_dump({"model": dataclasses.asdict(m)}, f, sort_keys=False)
-    print(f"wrote {out}: {m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}; train from it with "
+            section = {"model": dataclasses.asdict(m)}
+            if carried:
+                section["data"] = {"tokenizer": cfg.data.tokenizer}
+            yaml.safe_dump(section, f, sort_keys=False)
+    print(f"wrote {out}: {m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}"
+          f"{', its tokenizer' if carried else ', no tokenizer (none found)'}; train from it with "
           f"`bigtrain train CONFIG checkpoint.load={out}` and the model section of {out}/model.yaml", file=sys.stderr)
     return out

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sysconfig
 
+from ..atomic import atomic_dir
 from ..errors import BigtrainError
 from .shards import MANIFEST, write_shards
 from .tokenizer import train_tokenizer
@@ -40,20 +40,16 @@ def prepare(cfg) -> None:
                             "exactly one data.sources entry")
     if not os.path.exists(d.tokenizer):
         log.info(f"data.prepare={recipe}: training a {cfg.model.vocab_size}-token tokenizer -> {d.tokenizer}")
-        os.makedirs(os.path.dirname(os.path.abspath(d.tokenizer)), exist_ok=True)
-        prefix = d.tokenizer.removesuffix(".model")
-        train_tokenizer(stdlib_inputs(False), cfg.model.vocab_size, prefix + ".partial")
-        os.replace(prefix + ".partial.vocab", prefix + ".vocab")
-        os.replace(prefix + ".partial.model", d.tokenizer)  # last: its presence means the tokenizer is complete
-    for out, validation in ((d.sources[0].path, False), (d.validation, True)):
+        # the .model file is written last and atomically: its presence means the tokenizer is complete
+        train_tokenizer(stdlib_inputs(False), cfg.model.vocab_size, d.tokenizer.removesuffix(".model"))
+    held_out = d.validation_sets()[:1]  # the recipe's held-out set goes to the first validation path
+    for out, validation in ((d.sources[0].path, False), *((path, True) for _, path in held_out)):
         if not out or os.path.exists(os.path.join(out, MANIFEST)):
             continue
         if os.path.exists(out):
             raise BigtrainError(f"data.prepare={recipe}: {out} exists but holds no {MANIFEST}: choose another path "
                                 "or delete it")
         log.info(f"data.prepare={recipe}: writing {'validation' if validation else 'training'} shards -> {out}")
-        tmp = out.rstrip("/") + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted preparation
-        write_shards(tokenizer=d.tokenizer, inputs=stdlib_inputs(validation), output=tmp,
-                     seq_len=cfg.model.seq_length, shard_samples=256 if validation else 1024)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:  # an interrupted preparation leaves nothing at `out`
+            write_shards(tokenizer=d.tokenizer, inputs=stdlib_inputs(validation), output=tmp,
+                         seq_len=cfg.model.seq_length, shard_samples=256 if validation else 1024)

@@ -174,12 +174,13 @@ def train_tokenizer(inputs, vocab_size: int, output: str, max_sentences: int = 2
             num_threads=16, minloglevel=2)  # a fixed thread count: it is recorded in the model file
     except RuntimeError as e:
         raise BigtrainError(f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}") from None
+    from ..atomic import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output + ".model", "wb") as f:
-        f.write(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(output + ".vocab", "w", encoding="utf-8") as f:
+    with atomic_write(output + ".vocab") as f:
         f.writelines(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    with atomic_write(output + ".model", "wb") as f:  # last: a complete .model means a complete tokenizer
+        f.write(model.getvalue())
     tok = Tokenizer(output + ".model")
     print(f"wrote {output}.model and {output}.vocab (vocab {tok.vocab_size}, {len(files)} input files, "
           f"sha256 {tok.sha256[:12]})", file=sys.stderr)

@@ -7,170 +7,33 @@
 2. submitit writes an sbatch script (one task per GPU, `--signal=USR2@launch.signal_seconds`, `--requeue`,
    per-rank logs `JOBID_RANK_log.out|err` in the job folder, default RUN_DIR/slurm) and a pickle of
    `TrainJob(cfg)`; sbatch queues it. `--dry-run` prints that script and queues nothing.
-3. In the job, every task runs `TrainJob.__call__`: torch.distributed variables from SLURM's
-   (submitit's TorchDistributedEnvironment), then `bigtrain.train.train(cfg)` (NCCL on GPU, gloo on CPU).
+3. In the job, every task runs `TrainJob` (job.py): torch.distributed from SLURM's variables, then
+   `bigtrain.train.train(cfg)`; job.py says who handles which signal when.
 
-Signals: who handles what, when (one requeue per time-limit stop, always bigtrain's rank 0):
-- submitit's job wrapper installs its own handlers before calling TrainJob (USR2: checkpoint + `scontrol
-  requeue` on rank 0; SIGTERM: ignored). TrainJob replaces them at once with `_SignalGuard`, so submitit's
-  requeue never runs:
-  * before training (imports, process group, model, data, restore): USR1/USR2 is held back and delivered
-    again to bigtrain's `StopRequest` as soon as it is installed (one step is trained, then checkpoint and
-    requeue); SIGTERM exits at once with 75 (nothing new to save; SLURM requeues a preempted job itself);
-  * while training: bigtrain's `StopRequest` owns USR1/USR2/SIGTERM (train/stop.py): checkpoint at
-    the next step boundary; after USR1/USR2 rank 0 runs `scontrol requeue` (while SLURM_RESTART_COUNT <
-    launch.max_requeues);
-  * after training (`StopRequest` restored the guard's handlers): USR1/USR2/SIGTERM are logged and ignored
-    (the SIGTERM that follows bigtrain's own requeue lands here or in `StopRequest`).
-- A run that stopped early leaves with exit status 75 and *no* result pickle, so submitit (and `--wait`)
-  keep waiting for the requeued run; errors raise (submitit writes an error pickle), exit 1, and SLURM
-  does not requeue a FAILED job.
+submitit's private API is touched only in submitit_fence.py (the sbatch script's text and SLURM-proof quoting).
 """
 from __future__ import annotations
 
 import os
 import re
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 from ..errors import BigtrainError
-from ..train.stop import EXIT_REQUEUE
+from .job import TrainJob
+from .submitit_fence import check_version, executor_class, sbatch_script
 
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE")
-_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
 def _say(msg: str) -> None:
-    # os.write, not print: this also runs inside signal handlers, which may interrupt a print to stderr
-    os.write(2, f"[bigtrain submit] {msg}\n".encode(errors="replace"))
-
-
-# ------------------------------------------------------------------------------------------- the job
-
-
-class _SignalGuard:
-    """The job's signal handlers outside bigtrain's training loop (see the module docstring)."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.pending = 0          # a time-limit signal received before training started
-        self.training_seen = False
-        self.finished = False
-        self._handler = self._handle  # one bound-method object, so `is` finds it again
-        for s in self.SIGNALS:
-            signal.signal(s, self._handler)
-        self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="bigtrain-signal-guard", daemon=True)
-        self._watcher.start()
-
-    def _ours(self) -> bool:
-        return any(signal.getsignal(s) is self._handler for s in self.SIGNALS)
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.finished or self.training_seen:
-            _say(f"{name} after training ended: ignored")
-        elif signum == signal.SIGTERM:
-            _say(f"{name} before training started: exiting with {EXIT_REQUEUE} (nothing new to save)")
-            os._exit(EXIT_REQUEUE)
-        else:
-            self.pending = self.pending or signum
-            _say(f"{name} before training started: held back until training starts")
-
-    def _watch(self) -> None:
-        """Notice bigtrain's StopRequest taking the signals over; hand it any signal held back."""
-        while not self._stop.wait(0.1):
-            if not self.training_seen and not self._ours():
-                self.training_seen = True
-                if self.pending:
-                    _say(f"training started: delivering the held-back {signal.Signals(self.pending).name}")
-                    os.kill(os.getpid(), self.pending)
-                return
-
-    def close(self) -> None:
-        self.finished = True
-        self._stop.set()
-
-
-class TrainJob:
-    """What each SLURM task runs (pickled by submitit): set up torch.distributed from SLURM, train."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg  # the config validated at submission (later edits of the YAML don't change the run)
-
-    def __call__(self) -> dict:
-        guard = _SignalGuard()
-        try:
-            import submitit
-            dist_env = submitit.helpers.TorchDistributedEnvironment()
-            # bigtrain picks the GPU (LOCAL_RANK among the visible ones): leave CUDA_VISIBLE_DEVICES as SLURM set it
-            dist_env.export(set_cuda_visible_devices=False, overwrite=True)
-            from ..train.stop import restart_count
-            from ..train import train
-            _say(f"rank {dist_env.rank}/{dist_env.world_size} on {os.uname().nodename}: master "
-                 f"{dist_env.master_addr}:{dist_env.master_port}, SLURM job {os.environ.get('SLURM_JOB_ID')} "
-                 f"restart {restart_count()}")
-            try:
-                result = train(self.cfg)
-            except BigtrainError as e:
-                print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
-                raise
-        finally:
-            guard.close()
-        if result.stopped:
-            _say(f"stopped by {result.stopped} at step {result.step}: exiting with {EXIT_REQUEUE} "
-                 "(no result: the job comes back if it was requeued)")
-            sys.stdout.flush()
-            sys.exit(EXIT_REQUEUE)  # SystemExit passes submitit's `except Exception`: no result pickle
-        last = result.history[-1] if result.history else {}
-        return {"rank": dist_env.rank, "step": result.step, "loss": last.get("loss")}
+    print(f"[bigtrain submit] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ the sbatch script
-
-
-def slurm_quote(value) -> str:
-    """A value as SLURM's #SBATCH parser reads it back unchanged: double quotes group, a backslash
-    escapes the next character. (submitit shell-quotes these values, which SLURM does not read back
-    exactly: a backslash is lost.)"""
-    value = str(value)
-    if _SAFE.fullmatch(value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _requote_sbatch(text: str) -> str:
-    out = []
-    for line in text.split("\n"):
-        m = re.fullmatch(r"#SBATCH --([A-Za-z0-9_-]+)=(.*)", line)
-        if m:
-            (value,) = shlex.split(m.group(2))  # undoes submitit's shlex.quote
-            line = f"#SBATCH --{m.group(1)}={slurm_quote(value)}"
-        out.append(line)
-    return "\n".join(out)
-
-
-def _executor_class():
-    from submitit.slurm.slurm import SlurmExecutor
-
-    class BigtrainExecutor(SlurmExecutor):
-        allow_without_slurm = False
-
-        @classmethod
-        def affinity(cls) -> int:
-            return 2 if cls.allow_without_slurm or shutil.which("srun") else -1
-
-        def _make_submission_file_text(self, command: str, uid: str) -> str:
-            return _requote_sbatch(super()._make_submission_file_text(command, uid))
-
-    return BigtrainExecutor
 
 
 def _check_value(name: str, value) -> None:
@@ -202,7 +65,8 @@ def _check_args(a, cfg) -> None:
 
 def make_executor(a, cfg, folder: str):
     """The submitit executor for these `bigtrain submit` arguments (parameters only; nothing queued)."""
-    cls = _executor_class()
+    check_version()
+    cls = executor_class()
     cls.allow_without_slurm = bool(a.dry_run)
     if cls.affinity() < 0:
         raise BigtrainError("srun not found: run `bigtrain submit` on a SLURM login node "
@@ -236,30 +100,25 @@ def make_executor(a, cfg, folder: str):
     return executor
 
 
-def sbatch_script(executor) -> str:
-    """The sbatch script submitit writes for this executor (what --dry-run prints)."""
-    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
-
-
 # ------------------------------------------------------------------------------------------ submit
 
 
-def validate(a):
+def check_submission(a):
     """Everything that can be checked before queueing: the config for this world size, the data, the
     SLURM options. Returns the config."""
     from ..config import load_config
-    from ..data import check_manifest
+    from ..data import check_data
     from ..parallel.engine import check_layout
     cfg = load_config(a.config, a.overrides)
     _check_args(a, cfg)
     check_layout(cfg, a.nodes * a.gpus_per_node)
     if not cfg.data.prepare:
-        check_manifest(cfg)
+        check_data(cfg)
     return cfg
 
 
 def submit(a) -> None:
-    cfg = validate(a)
+    cfg = check_submission(a)
     folder = os.path.abspath(a.folder or os.path.join(cfg.run.dir, "slurm"))
     _check_value("folder (from run.dir)", folder)
     _check_value("chdir (the current directory)", os.getcwd())

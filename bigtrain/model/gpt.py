@@ -50,7 +50,9 @@ class RMSNorm(torch.nn.Module):
 class SDPAttention(MegatronModule):
     """megatron core-attention interface on top of `torch.nn.functional.scaled_dot_product_attention`
     (flash / cuDNN / memory-efficient kernels on GPU): causal, grouped-query, never materialises the
-    score matrix. Inputs are megatron's [seq, batch, heads, head_dim]; output [seq, batch, heads*head_dim]."""
+    score matrix. Inputs are megatron's [seq, batch, heads, head_dim]; output [seq, batch, heads*head_dim].
+    Queries shorter than the keys (decoding from a KV cache: the new positions after the cached ones) see every
+    key up to their own position (the causal mask aligned bottom-right)."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None, **_):
@@ -60,7 +62,8 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        assert packed_seq_params is None and attention_bias is None, "not supported by SDPAttention"
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention: packed sequences and attention biases are not supported")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, heads, s, d]
         dropout = self.dropout if self.training else 0.0
         if dropout > 0 and not self.config.sequence_parallel:
@@ -72,7 +75,9 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _attend(self, q, k, v, dropout):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+        sq, sk = q.shape[2], k.shape[2]
+        mask = None if sq == sk else torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                               scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
 
 

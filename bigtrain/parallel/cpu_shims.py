@@ -6,12 +6,26 @@ pipeline schedules, unconditional `torch.cuda.synchronize()`, and `.cuda()` on t
 with pipeline parallelism. `apply()` redirects each of these to the CPU. It is only ever called when
 no GPU is present (see `bigtrain.parallel.distributed.setup`), and is idempotent.
 """
-import sys
 import types
 
 import torch
 
 _applied = False
+MEGATRON_TESTED = ((0, 16, 1), (0, 17, 0))  # megatron-core versions [from, to) these shims were written against
+
+
+def check_megatron() -> None:
+    from megatron.core.package_info import __version__
+
+    from ..errors import BigtrainError
+    lo, hi = MEGATRON_TESTED
+    try:
+        version = tuple(int(x) for x in __version__.split(".")[:3])
+    except ValueError:
+        version = (-1,)
+    if not lo <= version < hi:
+        raise BigtrainError(f"megatron-core {__version__} is installed; bigtrain is tested with >=0.16.1,<0.17 "
+                            "(pip install 'megatron-core>=0.16.1,<0.17')")
 
 
 def apply() -> None:
@@ -24,7 +38,8 @@ def apply() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     _patch_schedules()
     _patch_rng_tracker()
-    _skip_deepspeed_shm_build()
+    from . import deepspeed_fence
+    deepspeed_fence.skip_shm_build()
 
 
 def _patch_schedules() -> None:
@@ -67,7 +82,3 @@ def _patch_rng_tracker() -> None:
     R._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
 
-def _skip_deepspeed_shm_build() -> None:
-    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first use (~70 s); gloo is enough."""
-    import deepspeed.comm.torch  # noqa: F401  (makes sure the module is loaded before patching)
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None

@@ -193,3 +193,11 @@ def clear_method_caches(cls) -> None:
         for f in (attr, *(c.cell_contents for c in getattr(attr, "__closure__", None) or ())):
             if hasattr(f, "cache_clear"):
                 f.cache_clear()
+
+
+def skip_shm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first use (~70 s); gloo is enough."""
+    import sys
+
+    import deepspeed.comm.torch  # noqa: F401  (makes sure the module is loaded before patching)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None

@@ -20,6 +20,9 @@ def setup(backend: str = "auto", timeout_minutes: float = 30.0) -> tuple[Env, to
     """Initialise torch.distributed (and DeepSpeed's comm layer on top of it); returns (env, device).
     Later calls in the same process (e.g. several runs under one pytest + torchrun) reuse the group."""
     global _ENV
+    from . import cpu_shims, deepspeed_fence
+    cpu_shims.check_megatron()
+    deepspeed_fence.check_version()
     env = _ENV = _ENV or launch_env()
     if env.launcher == "single" and not env.master_port:
         env.master_port = free_port()
@@ -28,7 +31,6 @@ def setup(backend: str = "auto", timeout_minutes: float = 30.0) -> tuple[Env, to
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        from . import cpu_shims
         cpu_shims.apply()
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -53,7 +55,8 @@ def init_model_parallel(tensor: int, pipeline: int, seed: int) -> None:
 
     world = dist.get_world_size()
     if world % (tensor * pipeline):
-        raise ValueError(f"parallel.tensor={tensor} x parallel.pipeline={pipeline} does not divide "
+        from ..config import ConfigError
+        raise ConfigError(f"parallel.tensor={tensor} x parallel.pipeline={pipeline} does not divide "
                          f"the world size {world}")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

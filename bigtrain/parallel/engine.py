@@ -150,7 +150,6 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     import deepspeed
 
     dp = ps.get_data_parallel_world_size()
-    fence.check_version()
     for p in model.parameters():
         if getattr(p, "shared", False):  # the last stage's copy of a tied embedding: DeepSpeed's norms skip it
             fence.mark_pipeline_replica(p)

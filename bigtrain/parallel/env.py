@@ -25,9 +25,10 @@ class Env:
 
 def first_host(nodelist: str) -> str:
     """First host of a SLURM hostlist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    from ..errors import BigtrainError
     m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not m:
-        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+        raise BigtrainError(f"SLURM node list {nodelist!r}: cannot tell its first host")
     prefix, ranges = m.group(1), m.group(2)
     if not ranges:
         return prefix

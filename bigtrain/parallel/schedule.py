@@ -40,14 +40,16 @@ class _BackwardStart(torch.autograd.Function):
         return grad, None
 
 
-def _forward_step(engine, data_iterator, model):
+def _forward_step(engine, objective, data_iterator, model):
     tokens = next(data_iterator)
-    if uses_zero_optimizer(engine):
-        out = engine(tokens[:, :-1], None, None, labels=tokens[:, 1:])
-        if out.requires_grad:
-            out = _BackwardStart.apply(out, engine.optimizer)
+    zero = engine is not None and uses_zero_optimizer(engine)
+    call = engine if zero else model
+    if objective is None:
+        out = call(tokens[:, :-1], None, None, labels=tokens[:, 1:])
     else:
-        out = model(tokens[:, :-1], None, None, labels=tokens[:, 1:])
+        out = objective(call, tokens)
+    if zero and out.requires_grad:
+        out = _BackwardStart.apply(out, engine.optimizer)
 
     def loss_func(per_token_loss):
         total = per_token_loss.float().sum()
@@ -57,16 +59,20 @@ def _forward_step(engine, data_iterator, model):
     return out, loss_func
 
 
-def forward_backward(engine, batch: torch.Tensor, cfg: Config, forward_only: bool = False):
+def forward_backward(engine, batch: torch.Tensor, cfg: Config, forward_only: bool = False,
+                     model: torch.nn.Module | None = None, objective=None):
     """Run all microbatches of this rank's share of a global batch ([n, seq+1] token ids) through the
     engine (megatron's schedule sees the bare module, the calls go through the engine so DeepSpeed's
-    hooks see every forward and backward). Returns the global mean token loss (same on every rank)."""
+    hooks see every forward and backward). Returns the global mean token loss (same on every rank).
+    `engine=None, model=M, forward_only=True`: the same for a bare model (evaluation outside training).
+    `objective(call, tokens)`: the per-token loss [b, s] of a microbatch (tokens [b, s+1]; `call` runs the model
+    and returns its logits) in place of the model's own cross-entropy (distillation)."""
     mb = cfg.train.micro_batch_size
     micro = list(batch.split(mb))
     losses = get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, engine),
+        forward_step_func=functools.partial(_forward_step, engine, objective),
         data_iterator=iter(micro),
-        model=[engine.module],
+        model=[model if model is not None else engine.module],
         num_microbatches=len(micro),
         seq_length=cfg.model.seq_length,
         micro_batch_size=mb,
@@ -123,22 +129,25 @@ def train_step(engine, batch: torch.Tensor, cfg: Config) -> tuple[float, float]:
     return loss, norm
 
 
-def logits(model: torch.nn.Module, tokens: torch.Tensor, cfg: Config) -> torch.Tensor | None:
-    """Full-vocabulary logits [batch, seq, padded vocab] (fp32) of a bare model of any TP x PP layout for token
-    ids [batch, seq]: on the last pipeline stage's ranks; None on the others."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
+def forward_only(model: torch.nn.Module, tokens: torch.Tensor, collect, **model_kwargs):
+    """One forward pass of a bare model of any TP x PP layout over token ids [batch, seq] (no grad), through
+    megatron's schedule: `collect(output)` of the last stage's output (logits [batch, seq, vocab / TP]) on the
+    last pipeline stage's ranks, None on the others. `model_kwargs` go to the model (e.g. an inference context)."""
     def step(data_iterator, m):
-        out = m(next(data_iterator), None, None)
+        out = m(next(data_iterator), None, None, **model_kwargs)
+        return out, lambda output, non_loss_data=False: collect(output)
 
-        def collect(output, non_loss_data=False):
-            return gather_from_tensor_model_parallel_region(output).float()
-        return out, collect
-
-    model.eval()
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
             seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True,
             collect_non_loss_data=True)
     return out[0] if ps.is_pipeline_last_stage() else None
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor, cfg: Config) -> torch.Tensor | None:
+    """Full-vocabulary logits [batch, seq, padded vocab] (fp32) of a bare model of any TP x PP layout for token
+    ids [batch, seq]: on the last pipeline stage's ranks; None on the others."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    model.eval()
+    return forward_only(model, tokens, lambda output: gather_from_tensor_model_parallel_region(output).float())

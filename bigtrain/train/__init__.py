@@ -5,7 +5,7 @@ the stop/requeue protocol (stop.py) and the run directory's lock (lock.py).
 Exports are imported lazily: `bigtrain.train.lock` and `bigtrain.train.stop` load without torch."""
 import importlib
 
-_EXPORTS = {"train": "loop", "lr_at": "loop", "TrainResult": "loop", "Trainer": "loop",
+_EXPORTS = {"train": "loop", "lr_at": "lr", "TrainResult": "loop", "Trainer": "loop",
             "Callback": "callbacks", "EXIT_REQUEUE": "stop"}
 __all__ = list(_EXPORTS)
 

@@ -1,32 +1,26 @@
-"""Evaluation as a callback: every `train.eval_interval` steps, the mean token loss over `train.eval_batches`
-global batches from the start of `data.validation`, added to that step's record (`val_loss`). Skipped when the
-run is stopping (a time-limit signal wants its checkpoint first)."""
+"""Evaluation as a callback: every `train.eval_interval` steps, each held-out set of `data.validation` is read
+from its start for `train.eval_batches` global batches, and that step's record gets `val/<name>/loss` (the mean
+token loss: every batch holds the same number of tokens, so the mean over batches is token-weighted; all-reduced
+over data-parallel ranks) and `val/<name>/ppl` (its exponential) for each set, plus `val_loss`, the first set's
+loss. Skipped when the run is stopping (a time-limit signal wants its checkpoint first).
+
+Evaluation never perturbs training: it runs forward only under no_grad in eval mode (dropout off), draws from its
+own readers (the training stream's position is untouched) and consumes no random numbers.
+"""
 from __future__ import annotations
 
-import torch
-
-from ..parallel import forward_backward
+from ..eval.perplexity import evaluate, metrics_of
 from .callbacks import Callback
 
 
-def evaluate(engine, valid, cfg) -> float:
-    """Mean token loss over `train.eval_batches` global batches from the start of the validation data."""
-    engine.eval()
-    with torch.no_grad():
-        losses = [forward_backward(engine, batch.to(engine.device), cfg, forward_only=True)
-                  for batch in valid.batches(cfg.train.eval_batches)]
-    engine.train()
-    return sum(losses) / len(losses)
-
-
 class Evaluation(Callback):
-    def __init__(self, cfg, valid):
-        self.cfg, self.valid = cfg, valid
+    def __init__(self, cfg, valid: dict):
+        self.cfg, self.valid = cfg, valid  # {name: ValidationSource}
 
     def after_step(self, trainer, record):
         interval = self.cfg.train.eval_interval
-        if self.valid is None or not interval or not record["applied"] or trainer.step % interval or trainer.stopping:
+        if not self.valid or not interval or not record["applied"] or trainer.step % interval or trainer.stopping:
             return
-        results = {"val_loss": evaluate(trainer.engine, self.valid, self.cfg)}
+        results = metrics_of({name: evaluate(trainer.engine, v, self.cfg) for name, v in self.valid.items()})
         record.update(results)
         trainer.callbacks.on_evaluation(trainer, results)

@@ -18,7 +18,6 @@ at the same point, and nothing waits on a background thread on the way out.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -30,7 +29,7 @@ from megatron.core import parallel_state as ps
 
 from ..checkpoint import Checkpointer
 from ..config import Config, dump, to_dict
-from ..data import build_train_source, build_validation_source, check_manifest
+from ..data import build_train_source, build_validation_sources, check_data
 from ..data.corpus import prepare as prepare_corpus
 from ..errors import BigtrainError
 from ..model import build_model
@@ -38,30 +37,18 @@ from ..parallel import build_engine, check_layout, forward_backward, init_model_
 from ..parallel.distributed import lost_peer, on_rank0
 from . import lock
 from .callbacks import Callback, Callbacks
+from .distillation import Distillation
 from .evaluation import Evaluation
 from .faults import FaultInjection
 from .guard import NonFiniteGuard, SkippedBatches, SpikeDetector
+from .lr import lr_at, set_lr
 from .metrics import Metrics, setup_logging
+from .samples import Samples
 from .stop import StopRequest, check_restarts, restart_count
 
 log = logging.getLogger("bigtrain")
 
 HISTORY = 1000  # TrainResult.history keeps the records of this many most recent steps
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate for the optimizer step with 0-based index `step`: linear warmup, cosine decay to min_lr."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    decay = t.decay_steps or max(t.steps - t.warmup_steps, 1)
-    progress = min((step - t.warmup_steps) / decay, 1.0)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
 
 
 @dataclass
@@ -103,6 +90,7 @@ class Trainer:
         self.skipped_steps = 0         # updates vetoed, over the life of the run
         self.stopping = False          # a stop signal was agreed at this step
         self.resumed = False
+        self.objective = None          # the per-token loss of a microbatch, when a callback sets one (distillation)
         self.history: deque = deque(maxlen=HISTORY)
         self.engine = self.data = self.ckpt = self.metrics = self.valid = None
         self._failure: str | None = None       # this rank's reason to stop the run (travels in the all-reduce)
@@ -173,7 +161,7 @@ class Trainer:
         check_layout(cfg, env.world)
         if cfg.data.prepare:
             on_rank0(prepare_corpus, cfg)
-        check_manifest(cfg)
+        plan = check_data(cfg)
         init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         on_rank0(_check_writable, cfg.run.dir)
@@ -183,14 +171,15 @@ class Trainer:
                  f"{cfg.train.precision}")
         self.engine = build_engine(build_model(cfg), cfg)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.data = build_train_source(cfg, dp_rank, dp_size)
-        self.valid = build_validation_source(cfg, dp_rank, dp_size)
+        self.data = build_train_source(cfg, dp_rank, dp_size, plan)
+        self.valid = build_validation_sources(cfg, dp_rank, dp_size, plan)
         self.skips = SkippedBatches(cfg.run.dir)
         self.ckpt = Checkpointer(cfg, self.engine, self.data)
         self.metrics = Metrics(cfg, self.rank, env.world)
         self.callbacks = Callbacks([FaultInjection(cfg.debug.faults, self.rank), NonFiniteGuard(cfg.guard),
-                                    SpikeDetector(cfg.guard), Evaluation(cfg, self.valid),
-                                    IntervalCheckpoint(cfg.checkpoint.interval), *self.extra_callbacks])
+                                    SpikeDetector(cfg.guard), Evaluation(cfg, self.valid), Samples(cfg),
+                                    IntervalCheckpoint(cfg.checkpoint.interval),
+                                    *([Distillation(cfg)] if cfg.distill.teacher else []), *self.extra_callbacks])
 
     def _restore(self) -> None:
         meta = self.ckpt.restore()
@@ -222,7 +211,7 @@ class Trainer:
         lr = lr_at(self.step, self.cfg)
         set_lr(self.engine, lr)
         self.batch = batch = self._next_batch().to(self.device, non_blocking=True)
-        loss = forward_backward(self.engine, batch, self.cfg)
+        loss = forward_backward(self.engine, batch, self.cfg, objective=self.objective)
         self._veto = ""
         applied, grad_norm = optimizer_step(self.engine, self.cfg, lambda norm: self._agree(loss, norm))
         if applied:

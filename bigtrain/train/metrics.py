@@ -102,6 +102,11 @@ class Metrics:
         if self.enabled:
             self._each("scalar", name, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text outside the step records (TensorBoard only), e.g. the in-loop samples `samples/<i>`."""
+        if self.enabled:
+            self._each("text", tag, text, step)
+
     def event(self, kind: str, step: int, **fields) -> None:
         """A run event (start, resume, checkpoint, skipped_step, spike, rewind, requeue...)."""
         if self.enabled:

@@ -112,6 +112,9 @@ class TensorBoardSink(Sink):
     def scalar(self, tag, value, step):
         self.tb.add_scalar(tag, value, step)
 
+    def text(self, tag, text, step):
+        self.tb.add_text(tag, text, step)
+
     def event(self, event):
         self.tb.add_text("events", json.dumps(event), event["step"])
 
@@ -151,9 +154,10 @@ class ConsoleSink(Sink):
                 f"mem {r['mem_gib']:.2f} GiB | {r['step_seconds']:.2f} s")
         if r.get("skipped_steps"):
             line += f" | skipped {r['skipped_steps']}"
-        extra = [f"{k} {v:.4f}" for k, v in r.items() if (k == "val_loss" or k.startswith("val/"))
-                 and isinstance(v, float)]
-        log.info(line + "".join(f" | {e}" for e in extra).replace("val_loss", "validation loss"))
+        sets = [k for k in r if k.startswith("val/") and k.endswith("/loss")]
+        extra = [f"val {k[4:-5]} {r[k]:.4f}" for k in sets] if len(sets) > 1 else \
+                [f"validation loss {r['val_loss']:.4f}"] if "val_loss" in r else []
+        log.info(line + "".join(f" | {e}" for e in extra))
 
     def event(self, event):
         fields = {k: v for k, v in event.items() if k not in ("event", "step", "time")}

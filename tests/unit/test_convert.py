@@ -148,12 +148,19 @@ def smollm2(tmp_path_factory):
     return str(d)
 
 
-def test_smollm2_import_train_export(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_import(smollm2, tmp_path_factory):
+    """SmolLM2 imported once by `bigtrain convert from-hf --gguf-file` (it carries the tokenizer from the GGUF)."""
+    imported = str(tmp_path_factory.mktemp("smollm2-import") / "imported")
+    helpers.bigtrain("convert", "from-hf", smollm2, imported, "--gguf-file", GGUF)
+    return imported
+
+
+def test_smollm2_import_train_export(smollm2, smollm2_import, tmp_path):
     """A real Llama checkpoint: import it, match transformers' logits, train a few steps on real text
     tokenized with its own tokenizer, export, and reload the export with transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    imported = str(tmp_path / "imported")
-    helpers.bigtrain("convert", "from-hf", smollm2, imported, "--gguf-file", GGUF)
+    imported = smollm2_import
     tok = AutoTokenizer.from_pretrained(os.path.join(smollm2, "tokenizer"))
     tokens = torch.tensor([tok.encode("The capital of Germany is")])
     ref = hf_logits(smollm2, tokens, gguf_file=GGUF)
@@ -182,3 +189,41 @@ def test_smollm2_import_train_export(smollm2, tmp_path):
         theirs = reloaded(tokens).logits
     assert (theirs - bigtrain_logits(run, tokens)).abs().max().item() <= 1e-4
     assert AutoTokenizer.from_pretrained(exported).encode("def f(): pass") == tok.encode("def f(): pass")
+
+
+def test_generate_on_smollm2_import_says_berlin(smollm2_import):
+    """`bigtrain generate --temperature 0` on the import, naming no tokenizer (the import carries it): SmolLM2
+    continues "The capital of Germany is" with " Berlin"."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "generate", smollm2_import, "--prompt",
+                           "The capital of Germany is", "--temperature", "0", "--max-new-tokens", "3"],
+                          env=helpers.clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["prompt"] == "The capital of Germany is"
+    assert result["completion"].startswith(" Berlin"), result
+
+
+def test_to_hf_of_an_import_writes_its_tokenizer(smollm2, smollm2_import, tmp_path):
+    """An import carries its tokenizer (exported from the GGUF; data.tokenizer in model.yaml names it), and
+    `to-hf` of the fresh import writes it: transformers loads tokenizer and model, chat template included."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(smollm2_import))
+    with open(os.path.join(smollm2_import, "model.yaml")) as f:
+        assert yaml.safe_load(f)["data"]["tokenizer"] == os.path.join(os.path.abspath(smollm2_import), "tokenizer.json")
+    out = str(tmp_path / "hf")
+    helpers.bigtrain("convert", "to-hf", smollm2_import, out)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    carried, written = (json.load(open(os.path.join(d, "tokenizer_config.json"))) for d in (smollm2_import, out))
+    assert carried == written
+    tok = AutoTokenizer.from_pretrained(out)
+    source = AutoTokenizer.from_pretrained(os.path.join(smollm2, "tokenizer"))
+    text = "The capital of Germany is"
+    assert tok.encode(text) == source.encode(text) and tok.eos_token == source.eos_token
+    assert tok.chat_template and tok.chat_template == source.chat_template
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode(text)])).logits
+    assert tok.decode(logits[0, -1].argmax()) == " Berlin"

@@ -18,7 +18,7 @@ import pytest
 import webdataset as wds
 
 from bigtrain.config.schema import Config, DataSource
-from bigtrain.data import build_train_source, build_validation_source, check_manifest, merge_states, write_shards
+from bigtrain.data import build_train_source, build_validation_source, check_data, merge_states, write_shards
 from bigtrain.errors import BigtrainError
 SEQ = 32  # seq_len of the `shards` fixture (conftest.py)
 G = 12  # global batch: divisible by the DP sizes 1, 2, 3, 4
@@ -254,7 +254,7 @@ def test_corrupt_members_are_skipped_counted_and_logged(damaged, shards, caplog)
     good = m["samples"] - 12 - 8 - 4  # less shard 5, members 1-2 of shard 1, member 0 of shard 3
     cfg = make_cfg([(damaged, 1.0)], lanes=1, batch=1, max_skip_fraction=0.1)
     cfg.data.validation = damaged  # plain order: one epoch, then the first sample of the next
-    with caplog.at_level(logging.WARNING, logger="bigtrain.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="bigtrain.data"):
         got = np.concatenate([b.numpy() for b in build_validation_source(cfg, 0, 1).batches(good + 1)])
     plain = shard_rows(shards["b"])
     keep = np.ones(len(plain), bool)
@@ -290,7 +290,7 @@ def test_flipped_bit_in_a_member_payload_is_caught_by_its_checksum(shards, tmp_p
     cfg = make_cfg([(d, 1.0)], lanes=1, batch=1, max_skip_fraction=0.1)
     cfg.data.validation = d
     total = json.load(open(os.path.join(d, "manifest.json")))["samples"]
-    with caplog.at_level(logging.WARNING, logger="bigtrain.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="bigtrain.data"):
         got = np.concatenate([b.numpy() for b in build_validation_source(cfg, 0, 1).batches(total - 4)])
     plain = shard_rows(shards["b"])
     keep = np.ones(len(plain), bool)
@@ -311,7 +311,7 @@ def test_skip_fraction_limit_stops_the_run(damaged):
 def test_manifest_checks_at_start(shards, tokenizer, corpus, tmp_path):
     from bigtrain.data import train_tokenizer
     a = shards["a"]
-    check_manifest(make_cfg([(a, 1.0)], tokenizer=tokenizer))
+    check_data(make_cfg([(a, 1.0)], tokenizer=tokenizer))
     other = train_tokenizer(corpus["b"], 600, str(tmp_path / "sp600"))
     with pytest.raises(BigtrainError, match=rf"{a}/manifest.json: vocab_size 1000 differs from data.tokenizer .*sp600.model \(600\)"):
         build_train_source(make_cfg([(a, 1.0)], tokenizer=other), 0, 1)

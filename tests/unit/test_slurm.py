@@ -406,7 +406,7 @@ def test_user_values_are_quoted_in_the_script(slurm_cluster, data, tmp_path):
 
 GUARD = r"""
 import os, signal, sys, time
-from bigtrain.launch.submit import _SignalGuard
+from bigtrain.launch.job import _SignalGuard
 
 def wait(cond, seconds=5):
     end = time.time() + seconds

@@ -7,7 +7,7 @@ import pytest
 
 from bigtrain.cli import main
 from bigtrain.config.schema import Config, DataSource
-from bigtrain.data import check_manifest, load_tokenizer, train_tokenizer, write_shards
+from bigtrain.data import check_data, load_tokenizer, train_tokenizer, write_shards
 from bigtrain.data.tokenizer import expand_inputs
 from bigtrain.errors import BigtrainError
 
@@ -73,7 +73,7 @@ def test_hf_tokenizer_json(tmp_path, stdlib, samples):
     cfg = Config()
     cfg.data.sources, cfg.data.tokenizer = [DataSource(path=str(tmp_path / "shards"))], path
     cfg.model.seq_length = 16
-    check_manifest(cfg)  # the manifest's tokenizer checksum and vocab match the config's tokenizer.json
+    check_data(cfg)  # the manifest's tokenizer checksum and vocab match the config's tokenizer.json
 
 
 def test_inputs_recursive_globs_and_exclusions(tmp_path):

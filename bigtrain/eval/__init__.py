@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, generation, lm-evaluation-harness, plots."""
