@@ -42,7 +42,6 @@ def main():
     p.add_argument("overrides", nargs="*", help="extra bigtrain config overrides")
     a = p.parse_args()
     s = PRESETS[a.preset]
-    work = a.workdir or tempfile.mkdtemp(prefix="bench-ckpt-")
 
     from bigtrain.checkpoint import Checkpointer
     from bigtrain.config import load_config
@@ -54,6 +53,10 @@ def main():
     from megatron.core import parallel_state as ps
 
     env, device = setup()
+    import torch.distributed as dist
+    box = [a.workdir or (tempfile.mkdtemp(prefix="bench-ckpt-") if env.rank == 0 else None)]
+    dist.broadcast_object_list(box)  # one work directory for every rank (under torchrun too)
+    work = box[0]
     shards = os.path.join(work, "shards")
     if env.rank == 0 and not os.path.exists(os.path.join(shards, "manifest.json")):
         w = ShardWriter(shards, s["seq"], s["vocab"], samples_per_member=16, shard_samples=64)

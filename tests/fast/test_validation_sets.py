@@ -49,3 +49,9 @@ def test_parse_sets():
 def test_metrics_of():
     out = metrics_of({"a": 2.0, "b": 1000.0})
     assert out["val_loss"] == 2.0 and math.isclose(out["val/a/ppl"], math.exp(2.0)) and out["val/b/ppl"] == math.inf
+
+
+def test_eval_refuses_a_batch_count_below_one_before_loading():
+    from bigtrain.eval.perplexity import evaluate_checkpoint
+    with pytest.raises(BigtrainError, match="--batches 0"):
+        evaluate_checkpoint("/nonexistent", ["a=/x"], batches=0)
