@@ -232,8 +232,9 @@ def check(cfg: Config) -> None:
     for i, s in enumerate(cfg.data.sources):
         need(s.path, f"config key 'data.sources[{i}].path': expected a path, got nothing")
         need(s.weight > 0, f"config key 'data.sources[{i}].weight': expected > 0, got {s.weight}")
-    names = [name for name, _ in cfg.data.validation_sets()]
-    for i, (name, (_, path)) in enumerate(zip(names, cfg.data.validation_sets())):
+    held_out = cfg.data.validation_sets()
+    names = [name for name, _ in held_out]
+    for i, (name, path) in enumerate(held_out):
         need(path, f"config key 'data.validation[{i}].path': expected a path, got nothing")
         need(names.count(name) == 1, f"config key 'data.validation[{i}]': the name '{name}' is used twice (name the "
                                      "sets: data.validation={name: path, ...})")

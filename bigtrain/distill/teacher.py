@@ -53,13 +53,12 @@ def load_teacher(cfg, device, identity: dict | None = None):
     from ..checkpoint.store import checkpoint_config, resolve, validate
     from ..model import build_model
     from ..parallel import on_rank0
-    if identity is not None:
-        path = identity["path"]
-        if not os.path.isdir(path):
-            raise BigtrainError(f"distill.teacher: this run trained with the teacher checkpoint {path} (step "
-                                f"{identity['step']}), which is gone; a resume needs that very teacher")
-    else:
-        path = on_rank0(resolve, cfg.distill.teacher)
+    if identity is not None and not os.path.isdir(identity["path"]):
+        raise BigtrainError(f"distill.teacher: this run trained with the teacher checkpoint {identity['path']} (step "
+                            f"{identity['step']}), which is gone; a resume needs that very teacher")
+    # rank 0 resolves (a run directory -> its newest complete checkpoint) and verifies the files' checksums,
+    # the recorded checkpoint on a resume as much as a new one
+    path = on_rank0(resolve, identity["path"] if identity is not None else cfg.distill.teacher)
     meta = validate(path)
     found = identity_of(path, meta)
     if identity is not None and found != identity:

@@ -3,10 +3,10 @@
     loaded = load_for_inference("runs/x", ["parallel.tensor=2"])   # under torchrun: every rank calls it
     loaded.cfg, loaded.model, loaded.path, loaded.meta, loaded.tokenizer
 
-The config is the run's own (from the checkpoint's meta.json), with `overrides` applied on top. The layout is TP1 x
-PP1 (every rank a whole model, data parallel) unless the overrides set `parallel.tensor` / `parallel.pipeline`:
-it need not be the one the run trained with, since a checkpoint holds full tensors. The model runs in fp32 with dropout off; no DeepSpeed
-engine, no optimizer state is read.
+The config is the run's own (from the checkpoint's meta.json), with `overrides` applied on top. The layout is
+TP1 x PP1 (every rank a whole model, data parallel) unless the overrides set `parallel.tensor` /
+`parallel.pipeline`: it need not be the one the run trained with, since a checkpoint holds full tensors. The
+model runs in fp32 with dropout off; no DeepSpeed engine, no optimizer state is read.
 """
 from __future__ import annotations
 

@@ -27,9 +27,6 @@ import torch
 from ..errors import BigtrainError
 from ..parallel import forward_backward
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".gz", ".md", ".rst", ".py")
-
-
 def evaluate(engine, valid, cfg, batches: int | None = None, model=None) -> float:
     """Mean token loss over `batches` (default `train.eval_batches`) global batches from the start of one held-out
     set. `engine` None with `model`: a bare model (`bigtrain eval`)."""
@@ -44,12 +41,17 @@ def evaluate(engine, valid, cfg, batches: int | None = None, model=None) -> floa
     return sum(losses) / len(losses)
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean token loss), inf where that overflows a float."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 def metrics_of(losses: dict[str, float]) -> dict[str, float]:
     """{name: loss} -> the record entries: val/<name>/loss, val/<name>/ppl, and val_loss (the first set's)."""
     out = {}
     for name, loss in losses.items():
         out[f"val/{name}/loss"] = loss
-        out[f"val/{name}/ppl"] = math.exp(loss) if loss < 700 else math.inf
+        out[f"val/{name}/ppl"] = perplexity(loss)
     if losses:
         out["val_loss"] = next(iter(losses.values()))
     return out
@@ -150,8 +152,7 @@ def evaluate_checkpoint(src: str, data: list[str] = (), batches: int | None = No
             valid = ValidationSource(source, seq_len=S, vocab_size=cfg.model.vocab_size, global_batch=G,
                                      dp_rank=dp_rank, dp_size=dp_size, max_skip_fraction=cfg.data.max_skip_fraction)
             loss = evaluate(None, valid, cfg, n, model=loaded.model)
-            results[source.name] = {"loss": loss, "ppl": metrics_of({"x": loss})["val/x/ppl"], "tokens": n * G * S,
-                                    "batches": n}
+            results[source.name] = {"loss": loss, "ppl": perplexity(loss), "tokens": n * G * S, "batches": n}
     finally:
         if root:
             on_rank0(shutil.rmtree, root, True)

@@ -87,6 +87,13 @@ def shards(corpus, tokenizer, tmp_path_factory):
     return {name: str(root / name) for name in spec}
 
 
+@pytest.fixture(scope="session")
+def data(shared_cache):
+    """The tiny model's corpus (tests/helpers.py test_data): tokenizer and shards, built once per test run and
+    shared with the torchrun sessions."""
+    return helpers.test_data(os.path.join(shared_cache, "data"))
+
+
 # --- a real Llama: SmolLM2-135M (the conversion, generation and distillation tests share one import) ---------
 
 @pytest.fixture(scope="session")

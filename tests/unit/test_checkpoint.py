@@ -20,11 +20,6 @@ from bigtrain.config import load_config
 STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
 def overrides(data, run_dir, *extra):
     return helpers.tiny(data, run_dir, f"train.steps={STEPS}", "checkpoint.interval=3", "checkpoint.keep=3", *extra)
 

@@ -15,11 +15,6 @@ from bigtrain.convert import from_hf, to_hf
 from helpers import GGUF  # the SmolLM2 fixtures (tests/unit/conftest.py) are shared with other tests
 
 
-@pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
 def bigtrain_logits(checkpoint: str, tokens: torch.Tensor, *overrides: str) -> torch.Tensor:
     """bigtrain's own forward (one process) of a checkpoint's model on token ids."""
     from bigtrain.checkpoint import Reader, load_weights, resolve

@@ -16,11 +16,6 @@ TEACHER = ["model.hidden_size=96", "model.num_layers=2", "model.num_attention_he
 
 
 @pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
-@pytest.fixture(scope="module")
 def teacher(data, tmp_path_factory):
     """A teacher of another width and depth than the student, trained a few steps on the same tokenizer."""
     run = str(tmp_path_factory.mktemp("teacher") / "run")

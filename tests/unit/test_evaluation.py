@@ -13,11 +13,6 @@ import helpers
 STEPS, EVAL_BATCHES, G = 4, 2, 8
 
 
-@pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
 def _records(run):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

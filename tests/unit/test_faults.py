@@ -20,11 +20,6 @@ from bigtrain.config import ConfigError, load_config
 from bigtrain.errors import BigtrainError
 
 
-@pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
 def cli(data, run_dir, *extra):
     return [sys.executable, "-m", "bigtrain", "train", os.devnull, *helpers.tiny(data, run_dir, *extra)]
 

@@ -17,11 +17,6 @@ from bigtrain.eval.decode import pick
 
 
 @pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
-@pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     """A tiny run trained 4 steps (one process)."""
     from bigtrain.train import train

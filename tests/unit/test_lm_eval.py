@@ -14,11 +14,6 @@ from bigtrain.errors import BigtrainError
 
 
 @pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
-@pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     from bigtrain.train import train
     run = str(tmp_path_factory.mktemp("lm_eval") / "run")

@@ -67,11 +67,6 @@ def slurm_cluster():
         _run(["bash", os.path.join(TOOLS, "stop.sh")], timeout=300)
 
 
-@pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
 def overrides(data, run_dir, *extra) -> list[str]:
     return helpers.tiny(data, run_dir, f"train.steps={STEPS}", "checkpoint.interval=100", "checkpoint.keep=2", *extra)
 

@@ -17,11 +17,6 @@ from bigtrain.config import ConfigError, load_config
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def data(shared_cache):
-    return helpers.test_data(os.path.join(shared_cache, "data"))
-
-
 def test_quickstart_tiny_yaml_trains_on_stdlib_text(tmp_path):
     """README quickstart: `bigtrain train configs/tiny.yaml train.steps=20 run.dir=R` from a fresh directory
     builds its corpus from the standard library, trains 20 steps, and the loss falls."""
