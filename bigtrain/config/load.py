@@ -221,7 +221,10 @@ def check(cfg: Config) -> None:
         need(v >= 0, f"config key '{key}': expected >= 0, got {v}")
     for key, v in [("train.lr", t.lr), ("train.peak_tflops", t.peak_tflops), ("train.adam_eps", t.adam_eps),
                    ("model.init_std", m.init_std), ("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
-                   ("parallel.timeout_minutes", p.timeout_minutes), ("launch.signal_seconds", cfg.launch.signal_seconds)]:
+                   ("launch.signal_seconds", cfg.launch.signal_seconds), *[
+                       (f"watchdog.{k}", getattr(cfg.watchdog, k)) for k in (
+                           "startup_timeout", "first_step_timeout", "min_step_timeout", "checkpoint_timeout",
+                           "evaluation_timeout", "collective_timeout")]]:
         need(v > 0, f"config key '{key}': expected > 0, got {v}")
     for key, v in [("train.beta1", t.beta1), ("train.beta2", t.beta2), ("model.hidden_dropout", m.hidden_dropout),
                    ("model.attention_dropout", m.attention_dropout)]:
@@ -250,6 +253,10 @@ def check(cfg: Config) -> None:
         need(v >= 0, f"config key '{key}': expected >= 0, got {v}")
     need(g.spike_warmup <= g.spike_window, f"config key 'guard.spike_warmup': {g.spike_warmup} is more than "
                                            f"guard.spike_window={g.spike_window}")
+    need(cfg.watchdog.step_timeout >= 0,
+         f"config key 'watchdog.step_timeout': expected >= 0 (0 = derived from step times), got {cfg.watchdog.step_timeout}")
+    need(cfg.watchdog.step_timeout_factor >= 1,
+         f"config key 'watchdog.step_timeout_factor': expected >= 1, got {cfg.watchdog.step_timeout_factor}")
     d = cfg.distill
     need(0 <= d.alpha <= 1, f"config key 'distill.alpha': expected a value in [0, 1], got {d.alpha}")
     need(d.temperature > 0, f"config key 'distill.temperature': expected > 0, got {d.temperature}")

@@ -124,8 +124,6 @@ class ParallelConfig:
     `full` recomputes every transformer layer."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = NCCL when a GPU is present, gloo otherwise."""
-    timeout_minutes: float = 30.0
-    """Collective timeout before a hung rank is reported."""
 
 
 @dataclass
@@ -235,16 +233,21 @@ class GuardConfig:
 
 @dataclass
 class FaultSpec:
-    kind: Literal["nan_loss", "inf_grad", "spike", "error"] = "nan_loss"
+    kind: Literal["nan_loss", "inf_grad", "spike", "error", "hang", "stop", "slow"] = "nan_loss"
     """`nan_loss`: the logits of this rank (it must hold the output layer: a last pipeline stage) become NaN;
     `inf_grad`: one element of one gradient on this rank becomes inf; `spike`: this rank's logits are multiplied
-    by `value`; `error`: this rank raises an exception in its forward pass."""
+    by `value`; `error`: this rank raises an exception in its forward pass; `hang`: this rank sleeps `value`
+    seconds in its forward pass; `stop`: this rank stops itself (SIGSTOP) in its forward pass, as a frozen
+    process would; `slow`: from this batch on, this rank computes for `value` extra seconds in each forward
+    pass (a straggler)."""
     batch: int = 0
     """Global batch index (0-based, every batch drawn counts, skipped ones too) whose step the fault hits."""
     rank: int = 0
     """Global rank that injects the fault."""
     value: float = 30.0
-    """For `spike`: the factor on the logits."""
+    """For `spike`: the factor on the logits; for `hang` and `slow`: seconds."""
+    restart: int = -1
+    """Inject only in the run with this SLURM_RESTART_COUNT (0 = the first run; -1 = every run)."""
 
 
 @dataclass
@@ -268,6 +271,39 @@ class DistillConfig:
     scale_by_t2: bool = True
     """Multiply the KD term by temperature^2 (Hinton et al.): its gradients then keep their size as the
     temperature changes, so `alpha` means the same at any temperature."""
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang detection. Each rank times every phase of the run in a thread of its own; a phase that outlives its
+    budget is a hang: every thread's stack goes to `run.dir/hangs/restart<N>-rank<R>.txt` (faulthandler), the
+    rank prints one line naming itself, the phase and the step, and exits with status 124. Under SLURM the job
+    requeues itself and resumes from its last checkpoint (at most launch.max_requeues times, as for
+    preemptions), unless it already hung at the same step and phase before. Every hang is a line in
+    `run.dir/hangs/hangs.jsonl`."""
+    enabled: bool = True
+    """Run the watchdog (collective timeouts apply either way)."""
+    startup_timeout: float = 1800.0
+    """Seconds the start-up may take: process groups, model, data checks, restore. Also the collective timeout
+    until the first step is done."""
+    first_step_timeout: float = 900.0
+    """Seconds the first step after a start or resume may take (warm-up, allocator, first data reads)."""
+    step_timeout: float = 0.0
+    """Seconds one step may take before it counts as hung; 0 = derived from the measured step times:
+    max(watchdog.min_step_timeout, watchdog.step_timeout_factor x the slowest of the last 100 steps)."""
+    step_timeout_factor: float = 10.0
+    """With step_timeout = 0: the budget as a multiple of the slowest recent step."""
+    min_step_timeout: float = 60.0
+    """With step_timeout = 0: the least budget a step gets."""
+    checkpoint_timeout: float = 1800.0
+    """Seconds a checkpoint save (its synchronous part and any wait for the background writers), a rewind's
+    restore or the final save may take."""
+    evaluation_timeout: float = 1800.0
+    """Seconds one evaluation (every held-out set) or one round of in-loop samples may take."""
+    collective_timeout: float = 1800.0
+    """Seconds a collective may wait for the other ranks once the first step is done, on every process group
+    (the world's, megatron's, DeepSpeed's); it backs the watchdog up inside collectives, so keep it at least
+    the longest phase budget. A collective that times out is a hang like any other."""
 
 
 @dataclass
@@ -297,6 +333,8 @@ class Config:
     """SLURM requeue behaviour."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """What keeps a run from going bad silently: non-finite steps, loss spikes, rewinds."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """Hang detection: per-phase time budgets, stack dumps, requeue after a hang, collective timeouts."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection for trying the guards (off unless set)."""
     distill: DistillConfig = field(default_factory=DistillConfig)

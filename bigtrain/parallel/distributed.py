@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import os
 
 import torch
@@ -14,11 +15,25 @@ import torch.distributed as dist
 from .env import Env, free_port, launch_env
 
 _ENV: Env | None = None
+log = logging.getLogger("bigtrain")
 
 
-def setup(backend: str = "auto", timeout_minutes: float = 30.0) -> tuple[Env, torch.device]:
+def nccl_debug_env(dump_dir: str, environ=os.environ) -> dict[str, str]:
+    """NCCL's flight recorder and dump-on-timeout, as defaults the user's own settings win over: the variables
+    this would set (not set yet in `environ`). The dumps go to `dump_dir/nccl_trace_rank_<R>`. Asynchronous
+    error handling 3 (tear the process down without aborting the communicator) because the flight recorder does
+    not dump with 1 (pytorch issue 121055)."""
+    wanted = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+              "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(os.path.abspath(dump_dir), "nccl_trace_rank_"),
+              "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_ENABLE_MONITORING": "1"}
+    return {k: v for k, v in wanted.items() if k not in environ}
+
+
+def setup(backend: str = "auto", timeout_s: float = 1800.0, dump_dir: str | None = None) -> tuple[Env, torch.device]:
     """Initialise torch.distributed (and DeepSpeed's comm layer on top of it); returns (env, device).
-    Later calls in the same process (e.g. several runs under one pytest + torchrun) reuse the group."""
+    `timeout_s`: the collective timeout until `set_collective_timeout` changes it. With NCCL, the flight
+    recorder dumps into `dump_dir` on a timeout (nccl_debug_env). Later calls in the same process (e.g. several
+    runs under one pytest + torchrun) reuse the group."""
     global _ENV
     from . import cpu_shims, deepspeed_fence
     cpu_shims.check_megatron()
@@ -34,10 +49,16 @@ def setup(backend: str = "auto", timeout_minutes: float = 30.0) -> tuple[Env, to
         cpu_shims.apply()
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and dump_dir and not dist.is_initialized():
+        extra = nccl_debug_env(dump_dir)
+        if extra:
+            os.makedirs(dump_dir, exist_ok=True)
+            os.environ.update(extra)
+            log.info("NCCL hang diagnostics: " + " ".join(f"{k}={v}" for k, v in sorted(extra.items())))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                rank=env.rank, world_size=env.world, timeout=datetime.timedelta(seconds=timeout_s))
+    set_collective_timeout(timeout_s)
     # DeepSpeed reads these (srun and single-process runs don't set them)
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
     os.environ.setdefault("RANK", str(env.rank))
@@ -63,6 +84,18 @@ def init_model_parallel(tensor: int, pipeline: int, seed: int) -> None:
         release_groups()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The timeout of every collective from now on, on every process group of this process (the world's,
+    megatron's, DeepSpeed's): start-up gets a long one, training a shorter one. torch sets a group's timeout only
+    at its creation publicly; `_set_pg_timeout` and the group registry are private (read here and in
+    release_groups only)."""
+    from torch.distributed import distributed_c10d as c10d
+    timeout = datetime.timedelta(seconds=seconds)
+    for pg in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(pg):
+            c10d._set_pg_timeout(timeout, pg)
 
 
 def release_groups() -> None:

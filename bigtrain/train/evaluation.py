@@ -21,6 +21,7 @@ class Evaluation(Callback):
         interval = self.cfg.train.eval_interval
         if not self.valid or not interval or not record["applied"] or trainer.step % interval or trainer.stopping:
             return
-        results = metrics_of({name: evaluate(trainer.engine, v, self.cfg) for name, v in self.valid.items()})
-        record.update(results)
-        trainer.callbacks.on_evaluation(trainer, results)
+        with trainer.watchdog.phase("evaluation"):  # the in-loop samples (on_evaluation) included
+            results = metrics_of({name: evaluate(trainer.engine, v, self.cfg) for name, v in self.valid.items()})
+            record.update(results)
+            trainer.callbacks.on_evaluation(trainer, results)

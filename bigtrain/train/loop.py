@@ -35,6 +35,7 @@ from ..errors import BigtrainError
 from ..model import build_model
 from ..parallel import build_engine, check_layout, forward_backward, init_model_parallel, optimizer_step, setup
 from ..parallel.distributed import lost_peer, on_rank0
+from ..parallel.env import env_rank
 from . import lock
 from .callbacks import Callback, Callbacks
 from .distillation import Distillation
@@ -44,7 +45,9 @@ from .guard import NonFiniteGuard, SkippedBatches, SpikeDetector
 from .lr import lr_at, set_lr
 from .metrics import Metrics, setup_logging
 from .samples import Samples
+from .stragglers import StragglerReport
 from .stop import StopRequest, check_restarts, restart_count
+from .watchdog import HANGS, Watchdog, describe_budgets
 
 log = logging.getLogger("bigtrain")
 
@@ -123,7 +126,21 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        self.env, self.device = setup(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+        self.watchdog = Watchdog(cfg, env_rank())
+        self.watchdog.start()  # start-up is timed from here: a rank that never joins the rendezvous is a hang too
+        try:
+            return self._run()
+        finally:
+            self.watchdog.stop()  # on every way out: a process that trains again (tests) keeps no armed watchdog
+
+    def _run(self) -> TrainResult:
+        cfg = self.cfg
+        try:
+            self.env, self.device = setup(cfg.parallel.backend, cfg.watchdog.startup_timeout,
+                                          dump_dir=os.path.join(cfg.run.dir, HANGS))
+        except RuntimeError as e:
+            self._hang_if_timed_out(lost_peer(e))
+            raise
         self.rank = self.env.rank
         setup_logging(self.rank)
         on_rank0(lock.acquire, cfg.run.dir)
@@ -137,14 +154,17 @@ class Trainer:
                 self.callbacks.after_step(self, record)
                 if record["applied"]:
                     self.history.append(self.metrics.step(record))
-                if self._act():
-                    break
-            self._finish()
+                with self.watchdog.phase("checkpoint"):
+                    if self._act():
+                        break
+            with self.watchdog.phase("checkpoint"):
+                self._finish()
         except RuntimeError as e:
             error = e
             why = lost_peer(e)
             if why is None:
                 raise
+            self._hang_if_timed_out(why)
             raise BigtrainError(f"rank {self.rank}: another rank stopped answering during a collective ({why}); "
                                 "its own error says why") from None
         except BaseException as e:
@@ -154,6 +174,11 @@ class Trainer:
             self._close(error)
         dist.barrier()
         return TrainResult(list(self.history), self.step, self.stop.reason)
+
+    def _hang_if_timed_out(self, why: str | None) -> None:
+        """A collective or the rendezvous timed out: a hang (stacks, record, requeue, exit 124; never returns)."""
+        if why and self.cfg.watchdog.enabled and ("timed out" in why.lower() or "timeout" in why.lower()):
+            self.watchdog.collective_timed_out(why)
 
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
@@ -169,6 +194,7 @@ class Trainer:
                  f"{env.world} ranks ({env.launcher}, {self.device.type}): TP={cfg.parallel.tensor} "
                  f"PP={cfg.parallel.pipeline} DP={ps.get_data_parallel_world_size()} ZeRO-{cfg.parallel.zero_stage} "
                  f"{cfg.train.precision}")
+        log.info(describe_budgets(cfg.watchdog))
         self.engine = build_engine(build_model(cfg), cfg)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.data = build_train_source(cfg, dp_rank, dp_size, plan)
@@ -176,7 +202,8 @@ class Trainer:
         self.skips = SkippedBatches(cfg.run.dir)
         self.ckpt = Checkpointer(cfg, self.engine, self.data)
         self.metrics = Metrics(cfg, self.rank, env.world)
-        self.callbacks = Callbacks([FaultInjection(cfg.debug.faults, self.rank), NonFiniteGuard(cfg.guard),
+        self.callbacks = Callbacks([self.watchdog, StragglerReport(cfg.train.log_interval),
+                                    FaultInjection(cfg.debug.faults, self.rank), NonFiniteGuard(cfg.guard),
                                     SpikeDetector(cfg.guard), Evaluation(cfg, self.valid), Samples(cfg),
                                     IntervalCheckpoint(cfg.checkpoint.interval),
                                     *([Distillation(cfg)] if cfg.distill.teacher else []), *self.extra_callbacks])
@@ -211,6 +238,7 @@ class Trainer:
         lr = lr_at(self.step, self.cfg)
         set_lr(self.engine, lr)
         self.batch = batch = self._next_batch().to(self.device, non_blocking=True)
+        data_seconds = time.perf_counter() - t0
         loss = forward_backward(self.engine, batch, self.cfg, objective=self.objective)
         self._veto = ""
         applied, grad_norm = optimizer_step(self.engine, self.cfg, lambda norm: self._agree(loss, norm))
@@ -223,6 +251,7 @@ class Trainer:
                                reason=self._veto)
         return dict(step=self.step if applied else self.step + 1, batch=self.batch_index, loss=loss, lr=lr,
                     grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_seconds=time.perf_counter() - t0,
+                    data_seconds=data_seconds,
                     applied=applied, skip_reason=self._veto)
 
     def _agree(self, loss: float, grad_norm: float) -> bool:

@@ -23,7 +23,7 @@ def pytest_configure(config):
         root = os.environ.get("BIGTRAIN_DIST_BASETEMP") or tempfile.mkdtemp(prefix="bigtrain-dist-")
         config.option.basetemp = os.path.join(root, f"rank{RANK}")
     from bigtrain.parallel.distributed import setup
-    setup("gloo", timeout_minutes=10)
+    setup("gloo", timeout_s=600)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -279,6 +279,44 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(reference, data, tmp
     assert rows[-1]["loss"] == helpers.read_metrics(reference["run_dir"])[-1]["loss"]
 
 
+def test_a_hung_job_requeues_itself_once_and_finishes_with_the_same_loss(reference, data, tmp_path):
+    """Rank 1 sleeps inside step 151 of the job's first run (debug.faults, restart 0 only): both ranks' watchdogs
+    give up after watchdog.step_timeout, dump their stacks, one of them requeues the job, and the second run
+    resumes from the step-100 checkpoint and finishes with the uninterrupted run's final loss."""
+    run_dir = str(tmp_path / "run")
+    t0 = time.time()
+    hang = "debug.faults=[{kind: hang, batch: 150, rank: 1, value: 3600, restart: 0}]"
+    proc = submit("/dev/null", *overrides(data, run_dir, "watchdog.step_timeout=5", hang), *CPU2, "--time", "10",
+                  "--job-name", "bt-hang")
+    assert proc.returncode == 0, proc.stdout
+    job = job_id(proc.stdout)
+    state = wait_done(job, timeout=400)
+    folder = os.path.join(run_dir, "slurm")
+    print(f"hang -> requeue test: {time.time() - t0:.1f} s")
+    assert state == "COMPLETED", log_text(folder, job)[-5000:]
+    with open(os.path.join(run_dir, "hangs", "hangs.jsonl")) as f:
+        hangs = [json.loads(line) for line in f]
+    assert {h["rank"] for h in hangs} == {0, 1} and {h["step"] for h in hangs} == {150}, hangs
+    assert all(h["restart"] == 0 and h["job"] == job and h["phase"] == "step" for h in hangs), hangs
+    assert any(h["requeue"] for h in hangs)
+    for rank in (0, 1):
+        assert os.path.getsize(os.path.join(run_dir, "hangs", f"restart0-rank{rank}.txt")) > 0
+    logs = log_text(folder, job, 0) + log_text(folder, job, 1)
+    assert re.search(r"bigtrain: error: rank \d: hang: step took more than 5 s \(watchdog.step_timeout\) at step 150;", logs)
+    assert f"requeued job {job}; it resumes from its last checkpoint" in logs, logs[-5000:]
+    assert show_job(job).get("Restarts") == "1"
+    ev = events(run_dir)
+    resumed = [e for e in ev if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["restart"] == 1 and resumed[0]["step"] == 100, ev
+    hang_events = [e for e in ev if e["event"] == "hang"]
+    assert len(hang_events) == 1 and hang_events[0]["step"] == 150, ev
+    hung = max(h["time"] for h in hangs)
+    print(f"hang detected -> resumed training: {resumed[0]['time'] - hung:.1f} s")
+    rows = helpers.read_metrics(run_dir)
+    assert rows[-1]["step"] == STEPS
+    assert rows[-1]["loss"] == helpers.read_metrics(reference["run_dir"])[-1]["loss"]
+
+
 def _sbatch(template: str, folder: str, *args: str, options=()) -> str:
     # the templates ask for GPUs: command-line options override their #SBATCH lines for this CPU node
     cmd = ["sbatch", "--parsable", *options, "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=1G",
