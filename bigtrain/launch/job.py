@@ -15,6 +15,8 @@ Signals: who handles what, when (one requeue per time-limit stop, always bigtrai
     launch.max_requeues);
   * after training (`StopRequest` restored the guard's handlers): USR1/USR2/SIGTERM are logged and ignored
     (the SIGTERM that follows bigtrain's own requeue lands here or in `StopRequest`).
+- A hung run (train/watchdog.py) requeues the job itself and leaves with os._exit(124): no result pickle
+  either, so `--wait` follows the requeued job.
 - A run that stopped early leaves with exit status 75 and *no* result pickle, so submitit (and `--wait`)
   keep waiting for the requeued run; errors raise (submitit writes an error pickle), exit 1, and SLURM
   does not requeue a FAILED job.

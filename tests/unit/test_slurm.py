@@ -1,6 +1,6 @@
 """SLURM on a real one-node cluster (tools/slurm/start.sh: slurmctld, slurmd, slurmdbd + MariaDB, munge),
-CPU, 2 tasks, no mocks: `bigtrain submit` through submitit (to completion, interrupted by `scontrol
-requeue`, interrupted by a real time limit), the plain sbatch templates, failures that must not requeue,
+CPU, 2 tasks, no mocks: `bigtrain submit` through submitit (to completion, interrupted by a hang and then by
+`scontrol requeue`, interrupted by a real time limit), the plain sbatch templates, failures that must not requeue,
 --dry-run, validation before queueing, and quoting of user values in the generated script.
 
 The session fixture starts the cluster when it is not up (and stops it afterwards only then). Every job
@@ -190,42 +190,6 @@ def test_submit_runs_to_completion(reference):
     assert load_config(os.path.join(run_dir, "config.yaml")).run.name == RUN_NAME
 
 
-def test_scontrol_requeue_resumes_with_the_same_loss(reference, data, tmp_path):
-    """`scontrol requeue` mid-run (what preemption with requeue does): SIGTERM -> checkpoint at the next step
-    boundary -> exit 75 -> SLURM starts the job again (SLURM_RESTART_COUNT=1) -> resume -> same final loss."""
-    run_dir = str(tmp_path / "run")
-    t0 = time.time()
-    # no interval checkpoints: the resumed run can only continue from what the SIGTERM save wrote
-    proc = submit("/dev/null", *overrides(data, run_dir, "checkpoint.interval=0"), *CPU2, "--time", "10",
-                  "--job-name", "bt-requeue")
-    assert proc.returncode == 0, proc.stdout
-    job = job_id(proc.stdout)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.time() + 240
-    while not (os.path.exists(metrics) and len(helpers.read_metrics(run_dir)) >= STEPS // 10):
-        state = live_state(job)
-        assert time.time() < deadline and not state.startswith(TERMINAL), state
-        time.sleep(0.2)
-    t_requeue = time.time()
-    assert _run(["scontrol", "requeue", job]).returncode == 0
-    state = wait_done(job)
-    print(f"scontrol requeue test: {time.time() - t0:.1f} s")
-    assert state == "COMPLETED", log_text(os.path.join(run_dir, "slurm"), job)[-5000:]
-    ev = events(run_dir)
-    kinds = [e["event"] for e in ev]
-    assert kinds[0] == "start" and "resume" in kinds, ev
-    resume = next(e for e in ev if e["event"] == "resume")
-    assert resume["restart"] == 1 and 0 < resume["step"] < STEPS, ev
-    stopped = [e for e in ev if e["event"] == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["reason"] == "SIGTERM" and resume["step"] == stopped[0]["step"], ev
-    print(f"scontrol requeue -> resumed training: {resume['time'] - t_requeue:.1f} s "
-          f"(SLURM restarted the job after {slurm_restart_gap(job):.0f} s)")
-    assert show_job(job).get("Restarts") == "1"
-    rows = helpers.read_metrics(run_dir)
-    assert rows[-1]["step"] == STEPS
-    assert rows[-1]["loss"] == helpers.read_metrics(reference["run_dir"])[-1]["loss"]
-
-
 def test_time_limit_signal_checkpoints_requeues_and_resumes(reference, data, tmp_path):
     """A real time limit: --time 1 with launch.signal_seconds=20, so SLURM's USR2 comes mid-run. bigtrain
     checkpoints at the next step boundary, rank 0 requeues the job once, the job resumes and finishes
@@ -279,21 +243,35 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(reference, data, tmp
     assert rows[-1]["loss"] == helpers.read_metrics(reference["run_dir"])[-1]["loss"]
 
 
-def test_a_hung_job_requeues_itself_once_and_finishes_with_the_same_loss(reference, data, tmp_path):
-    """Rank 1 sleeps inside step 151 of the job's first run (debug.faults, restart 0 only): both ranks' watchdogs
-    give up after watchdog.step_timeout, dump their stacks, one of them requeues the job, and the second run
-    resumes from the step-100 checkpoint and finishes with the uninterrupted run's final loss."""
+def test_a_hang_then_a_preemption_each_requeue_and_the_run_ends_with_the_same_loss(reference, data, tmp_path):
+    """Two interruptions of one job, each followed by SLURM starting it again:
+    1. a hang: rank 1 sleeps inside step 151 of the job's first run (debug.faults, restart 0 only). Both ranks'
+       watchdogs give up after watchdog.step_timeout and dump their stacks, one of them requeues the job, and the
+       second run resumes from the step-100 checkpoint (its events name the hang);
+    2. `scontrol requeue` mid-run (what preemption with requeue does) in the second run: SIGTERM -> checkpoint at
+       the next step boundary -> exit 75 -> SLURM starts the job again (restart 2) -> resume from that checkpoint.
+    The final loss is the uninterrupted run's."""
     run_dir = str(tmp_path / "run")
     t0 = time.time()
     hang = "debug.faults=[{kind: hang, batch: 150, rank: 1, value: 3600, restart: 0}]"
     proc = submit("/dev/null", *overrides(data, run_dir, "watchdog.step_timeout=5", hang), *CPU2, "--time", "10",
-                  "--job-name", "bt-hang")
+                  "--job-name", "bt-hang-requeue")
     assert proc.returncode == 0, proc.stdout
     job = job_id(proc.stdout)
-    state = wait_done(job, timeout=400)
     folder = os.path.join(run_dir, "slurm")
-    print(f"hang -> requeue test: {time.time() - t0:.1f} s")
+    deadline = time.time() + 300
+    while show_job(job).get("Restarts", "0") == "0" or not (
+            [e for e in events(run_dir) if e["event"] == "resume"] and len(helpers.read_metrics(run_dir)) >= 300):
+        state = live_state(job)
+        assert time.time() < deadline and not state.startswith(TERMINAL), (state, log_text(folder, job)[-5000:])
+        time.sleep(0.2)
+    t_requeue = time.time()
+    assert _run(["scontrol", "requeue", job]).returncode == 0
+    state = wait_done(job, timeout=400)
+    print(f"hang + scontrol requeue test: {time.time() - t0:.1f} s")
     assert state == "COMPLETED", log_text(folder, job)[-5000:]
+    assert show_job(job).get("Restarts") == "2"
+    # 1. the hang
     with open(os.path.join(run_dir, "hangs", "hangs.jsonl")) as f:
         hangs = [json.loads(line) for line in f]
     assert {h["rank"] for h in hangs} == {0, 1} and {h["step"] for h in hangs} == {150}, hangs
@@ -302,16 +280,21 @@ def test_a_hung_job_requeues_itself_once_and_finishes_with_the_same_loss(referen
     for rank in (0, 1):
         assert os.path.getsize(os.path.join(run_dir, "hangs", f"restart0-rank{rank}.txt")) > 0
     logs = log_text(folder, job, 0) + log_text(folder, job, 1)
-    assert re.search(r"bigtrain: error: rank \d: hang: step took more than 5 s \(watchdog.step_timeout\) at step 150;", logs)
+    assert re.search(r"bigtrain: error: rank \d: hang: step took more than 5 s \(watchdog.step_timeout\) at step "
+                     r"150;", logs), logs[-5000:]
     assert f"requeued job {job}; it resumes from its last checkpoint" in logs, logs[-5000:]
-    assert show_job(job).get("Restarts") == "1"
     ev = events(run_dir)
     resumed = [e for e in ev if e["event"] == "resume"]
-    assert len(resumed) == 1 and resumed[0]["restart"] == 1 and resumed[0]["step"] == 100, ev
+    assert [(e["restart"], e["step"]) for e in resumed][:1] == [(1, 100)], ev
     hang_events = [e for e in ev if e["event"] == "hang"]
     assert len(hang_events) == 1 and hang_events[0]["step"] == 150, ev
-    hung = max(h["time"] for h in hangs)
-    print(f"hang detected -> resumed training: {resumed[0]['time'] - hung:.1f} s")
+    print(f"hang detected -> resumed training: {resumed[0]['time'] - max(h['time'] for h in hangs):.1f} s")
+    # 2. the preemption
+    stopped = [e for e in ev if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["reason"] == "SIGTERM" and 300 <= stopped[0]["step"] < STEPS, ev
+    assert len(resumed) == 2 and resumed[1]["restart"] == 2 and resumed[1]["step"] == stopped[0]["step"], ev
+    print(f"scontrol requeue -> resumed training: {resumed[1]['time'] - t_requeue:.1f} s "
+          f"(SLURM restarted the job after {slurm_restart_gap(job):.0f} s)")
     rows = helpers.read_metrics(run_dir)
     assert rows[-1]["step"] == STEPS
     assert rows[-1]["loss"] == helpers.read_metrics(reference["run_dir"])[-1]["loss"]
