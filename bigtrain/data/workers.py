@@ -1,10 +1,13 @@
 """Loader worker processes (`data.num_workers`): each reads a subset of its rank's lanes up to 4 steps ahead and
 sends each step's rows of a lane with the lane's state after them, so the state the trainer saves is that of
 what it consumed. Workers ignore the job's signals (the trainer stops them itself); a worker that dies or fails
-is an error in the trainer, with the worker's traceback.
+is an error in the trainer, with the worker's traceback. A worker dies with its trainer (PR_SET_PDEATHSIG) and
+dumps its stacks to stderr on SIGQUIT (the hang watchdog asks before it ends the run).
 """
 from __future__ import annotations
 
+import ctypes
+import faulthandler
 import queue
 import signal
 import traceback
@@ -18,6 +21,8 @@ def worker(spec, lanes, states, a, q, stop):
     # stops its workers itself; a worker killed by one would end the run without its checkpoint
     for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
+    _die_with_parent()
+    faulthandler.register(signal.SIGQUIT, all_threads=True)  # the trainer's hang watchdog asks for our stacks
     try:
         for msg in produce(spec, lanes, states, a):
             while not stop.is_set():
@@ -33,6 +38,15 @@ def worker(spec, lanes, states, a, q, stop):
         q.put(("error", str(e), True))
     except BaseException:
         q.put(("error", traceback.format_exc(), False))
+
+
+def _die_with_parent() -> None:
+    """The kernel kills this worker when the trainer that started it dies, however it dies (kill -9, a hang's
+    exit): a worker stuck in a read would otherwise outlive the job, holding its files and its log open."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
 
 
 def from_worker(q, proc):

@@ -205,8 +205,9 @@ class Watchdog(Callback):
             pass
         if requeue:
             why = self._requeue(folder, job, restart, why)
+        workers = _end_children()
         _say(f"bigtrain: error: rank {self.rank}: hang: {what} at step {self.step}; stacks of every thread in "
-             f"{dump}; {why}")
+             f"{dump}{workers}; {why}")
         _wake_local_peers()
         os._exit(EXIT_HANG)
 
@@ -234,6 +235,21 @@ class Watchdog(Callback):
 
 def _say(line: str) -> None:
     os.write(2, (line + "\n").encode(errors="replace"))
+
+
+def _end_children() -> str:
+    """The data loader's worker processes: their stacks to stderr (SIGQUIT), then SIGKILL (they ignore the job's
+    signals; one stuck in a read would outlive the run). Returns a note for the error line."""
+    import multiprocessing
+    children = multiprocessing.active_children()
+    for sig, pause in ((signal.SIGQUIT, 0.3), (signal.SIGKILL, 0)):
+        for child in children:
+            try:
+                os.kill(child.pid, sig)
+            except OSError:
+                pass
+        time.sleep(pause if children else 0)
+    return f" (the {len(children)} loader workers' stacks on stderr)" if children else ""
 
 
 def _wake_local_peers() -> None:

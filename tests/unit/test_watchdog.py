@@ -85,3 +85,19 @@ def test_a_rank_that_never_joins_ends_the_start_up(data, tmp_path):
     assert record["phase"] == "start-up" and record["step"] == 0
     assert os.path.exists(record["dump"])
     print(f"missing rank: exit {ended - t0:.1f} s after launch (start-up budget 3 s)")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_read_that_never_returns_is_a_hang(data, tmp_path, workers):
+    """Hangs outside collectives: the only shard is a FIFO nobody writes to (a read stuck like one on a dead
+    file server), read in the training process or in a loader worker. The first step's budget ends the run."""
+    fifo = str(tmp_path / "stuck-000000.tar")
+    os.mkfifo(fifo)
+    run_dir = str(tmp_path / "run")
+    rc, out, _ = run(data, run_dir, "watchdog.first_step_timeout=3", f"data.sources=[{{path: {fifo}}}]",
+                     "data.lanes=1", f"data.num_workers={workers}", nproc=1, timeout=120)
+    assert rc == 124, out[-3000:]
+    assert "bigtrain: error: rank 0: hang: first step took more than 3 s (watchdog.first_step_timeout) at step 0" \
+        in out, out[-3000:]
+    dump = open(os.path.join(run_dir, "hangs", "restart0-rank0.txt")).read()
+    assert ("members.py" if workers == 0 else "from_worker") in dump, dump
