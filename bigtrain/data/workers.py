@@ -1,12 +1,11 @@
 """Loader worker processes (`data.num_workers`): each reads a subset of its rank's lanes up to 4 steps ahead and
 sends each step's rows of a lane with the lane's state after them, so the state the trainer saves is that of
 what it consumed. Workers ignore the job's signals (the trainer stops them itself); a worker that dies or fails
-is an error in the trainer, with the worker's traceback. A worker dies with its trainer (PR_SET_PDEATHSIG) and
+is an error in the trainer, with the worker's traceback. A worker ends when its trainer is gone and
 dumps its stacks to stderr on SIGQUIT (the hang watchdog asks before it ends the run).
 """
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import queue
 import signal
@@ -41,12 +40,20 @@ def worker(spec, lanes, states, a, q, stop):
 
 
 def _die_with_parent() -> None:
-    """The kernel kills this worker when the trainer that started it dies, however it dies (kill -9, a hang's
-    exit): a worker stuck in a read would otherwise outlive the job, holding its files and its log open."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
+    """End this worker as soon as the trainer that started it is gone, however it went (kill -9, a hang's exit):
+    a worker stuck in a read would otherwise outlive the job, holding its files and its log open. (Workers are
+    forkserver children, so PR_SET_PDEATHSIG would watch the fork server, not the trainer.)"""
+    import multiprocessing.connection
+    import os
+    import threading
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+    threading.Thread(target=watch, name="bigtrain-parent-watch", daemon=True).start()
 
 
 def from_worker(q, proc):

@@ -45,6 +45,7 @@ log = logging.getLogger("bigtrain")
 EXIT_HANG = 124  # like timeout(1): the run hung and was ended by its watchdog
 HANGS = "hangs"  # run.dir/hangs: stack dumps and hangs.jsonl
 RECENT_STEPS = 100
+_EXPIRING = threading.Lock()  # one hang report per process
 
 # phase -> the config key of its budget (the step's is derived when watchdog.step_timeout is 0)
 BUDGET_KEYS = {"start-up": "startup_timeout", "first step": "first_step_timeout", "step": "step_timeout",
@@ -177,7 +178,10 @@ class Watchdog(Callback):
 
     def expire(self, phase: str, budget: float, elapsed: float, cause: str = "") -> None:
         """The run is hung: dump every thread's stack, record it, requeue under SLURM, say so, exit 124.
-        Never returns."""
+        Never returns (a second caller, e.g. a collective timing out while the thread acts, waits for the exit)."""
+        if not _EXPIRING.acquire(blocking=False):
+            while True:
+                time.sleep(3600)
         restart, job = restart_count(), os.environ.get("SLURM_JOB_ID")
         folder = os.path.join(self.run_dir, HANGS)
         dump = os.path.join(folder, f"restart{restart}-rank{self.rank}.txt")

@@ -101,3 +101,36 @@ def test_a_read_that_never_returns_is_a_hang(data, tmp_path, workers):
         in out, out[-3000:]
     dump = open(os.path.join(run_dir, "hangs", "restart0-rank0.txt")).read()
     assert ("members.py" if workers == 0 else "from_worker") in dump, dump
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def test_loader_workers_die_with_a_killed_trainer(data, tmp_path):
+    """kill -9 of a trainer leaves no loader worker behind (they ignore the job's signals, so nothing else
+    would end them)."""
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "bigtrain", "train", os.devnull,
+           *helpers.tiny(data, run_dir, "train.steps=100000", "data.num_workers=2")]
+    proc = subprocess.Popen(cmd, env=helpers.clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        metrics, deadline = os.path.join(run_dir, "metrics.jsonl"), time.time() + 120
+        while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        workers = descendants(proc.pid)  # the loader workers are the fork server's children
+        assert len(workers) >= 4, workers  # resource tracker, fork server, 2 workers
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2] for p in workers):
+        assert time.time() < deadline, "a loader worker outlived its killed trainer"
+        time.sleep(0.1)
