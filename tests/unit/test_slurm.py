@@ -1,4 +1,5 @@
-"""SLURM on a real one-node cluster (tools/slurm/start.sh: slurmctld, slurmd, slurmdbd + MariaDB, munge),
+"""SLURM on a real two-node cluster on this host (tools/slurm/start.sh --nodes 2: slurmctld, a slurmd per node,
+slurmdbd + MariaDB, munge),
 CPU, 2 tasks, no mocks: `bigtrain submit` through submitit (to completion, interrupted by a hang and then by
 `scontrol requeue`, interrupted by a real time limit), the plain sbatch templates, failures that must not requeue,
 --dry-run, validation before queueing, and quoting of user values in the generated script.
@@ -57,7 +58,7 @@ def slurm_cluster():
         if os.geteuid() != 0:
             pytest.fail("no SLURM cluster up, and starting one needs root: run `sudo bash tools/slurm/start.sh` first")
         t0 = time.time()
-        proc = _run(["bash", os.path.join(TOOLS, "start.sh")], timeout=900)
+        proc = _run(["bash", os.path.join(TOOLS, "start.sh"), "--nodes", "2"], timeout=900)
         assert proc.returncode == 0, f"tools/slurm/start.sh failed:\n{proc.stdout[-5000:]}"
         print(f"started the local SLURM cluster in {time.time() - t0:.1f} s")
         started = True
@@ -324,6 +325,27 @@ def test_sbatch_template_trains_to_completion(slurm_cluster, data, tmp_path):
     assert ev[0]["event"] == "start" and ev[0]["world"] == 2 and ev[0]["launcher"] == "slurm", ev
     from bigtrain.config import load_config
     assert load_config(os.path.join(run_dir, "config.yaml")).run.name == RUN_NAME
+
+
+def test_multi_node_template_keeps_tp_in_a_node_and_matches_one_process(slurm_cluster, data, tmp_path):
+    """slurm/multi_node.sbatch on the two-node cluster: 2 nodes x 2 tasks, TP2 inside each node (megatron's rank
+    order: ranks 0-1 on the first node) x DP2 across the nodes; per-step fp32 losses equal one process's."""
+    nodes = _run(["sinfo", "-h", "-N", "-o", "%N"]).stdout.split()
+    assert len(set(nodes)) >= 2, f"the multi-node tests need `tools/slurm/start.sh --nodes 2` (nodes: {nodes})"
+    run_dir = str(tmp_path / "run")
+    overrides = helpers.tiny(data, run_dir, "train.steps=8", "parallel.tensor=2")
+    t0 = time.time()
+    job = _sbatch("multi_node.sbatch", str(tmp_path), os.devnull, *overrides, options=["--nodes=2"])
+    state = wait_done(job)
+    print(f"sbatch multi_node.sbatch on 2 nodes: {time.time() - t0:.1f} s")
+    log = open(tmp_path / f"{job}.out").read()
+    assert state == "COMPLETED", log[-5000:]
+    assert re.search(r"on 127\.0\.0\.\[2-3\]: 4 ranks, master 127\.0\.0\.2:", log), log[:2000]
+    ev = events(run_dir)
+    assert ev[0]["world"] == 4 and ev[0]["launcher"] == "slurm", ev
+    got = [r["loss"] for r in helpers.read_metrics(run_dir)]
+    want = helpers.reference_losses(str(tmp_path), helpers.tiny(data, "", "train.steps=8"))  # one process
+    assert helpers.max_rel_diff(got, want) < 1e-5, (got, want)
 
 
 def test_failing_job_is_not_requeued(slurm_cluster, data, tmp_path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the daemons tools/slurm/start.sh started, and only those: each is found through its PID file
+# Stop the daemons tools/slurm/start.sh started (on one node or several), and only those: each is found through its PID file
 # under $BIGTRAIN_SLURM_BASE and checked by process name before it is signalled (never by name alone).
 # Jobs still in this cluster are cancelled first, through SLURM, so no slurmstepd is left behind.
 # A munged that start.sh found already running (not started by it) is left alone.
@@ -48,7 +48,9 @@ if pid_alive "$RUN/slurmctld.pid" slurmctld; then
   fi
 fi
 
-stop_one slurmd "$RUN/slurmd.pid"
+for f in "$RUN"/slurmd*.pid; do  # one per node (slurmd.<node>.pid)
+  [ -e "$f" ] && stop_one slurmd "$f"
+done
 stop_one slurmctld "$RUN/slurmctld.pid"
 stop_one slurmdbd "$RUN/slurmdbd.pid"
 stop_one mariadbd "$DBRUN/mysqld.pid"
