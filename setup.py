@@ -27,6 +27,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "xxhash>=3.0",   # checkpoint file and shard member checksums (xxh3)
+        "urllib3>=2,<3",  # http(s):// shards (bigtrain/data/remote.py)
+        "boto3>=1.28",    # s3:// shards; honours AWS_ENDPOINT_URL (botocore >= 1.31)
         "matplotlib>=3.8",  # `bigtrain plot` (Agg canvas, no display): plotting a run needs no extra
     ],
     extras_require={
@@ -35,7 +37,7 @@ setup(
         # `bigtrain lm-eval` (lm-evaluation-harness on an exported model) and `bigtrain plot`
         "eval": ["lm-eval==0.4.13", "matplotlib>=3.8"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "gguf>=0.10", "accelerate>=1.0", "lm-eval==0.4.13",
-                 "matplotlib>=3.8"],
+                 "matplotlib>=3.8", "moto[server]>=5.0"],  # moto: a real S3 server on 127.0.0.1 (test_remote.py)
     },
     entry_points={"console_scripts": ["bigtrain=bigtrain.cli:main"]},
 )

@@ -243,6 +243,7 @@ def check(cfg: Config) -> None:
                                      "sets: data.validation={name: path, ...})")
         need("/" not in name and name.strip() == name and name,
              f"config key 'data.validation[{i}].name': {name!r} is not usable as a metric name (no '/', no blanks)")
+    _check_data_reading(cfg.data, need)
     g = cfg.guard
     for key, v in [("guard.max_consecutive_skips", g.max_consecutive_skips), ("guard.spike_window", g.spike_window),
                    ("guard.rewind_window", g.rewind_window), ("checkpoint.max_failures", cfg.checkpoint.max_failures)]:
@@ -266,6 +267,23 @@ def check(cfg: Config) -> None:
     for i, f in enumerate(cfg.debug.faults):
         need(f.batch >= 0 and f.rank >= 0, f"config key 'debug.faults[{i}]': batch and rank must be >= 0, "
                                            f"got batch={f.batch} rank={f.rank}")
+
+
+def _check_data_reading(d, need) -> None:
+    """Remote reads' timeouts and retries; data.prepare writes local paths only."""
+    from ..data.remote import scheme
+    for key, v in [("data.stall_timeout", d.stall_timeout), ("data.connect_timeout", d.connect_timeout)]:
+        need(v > 0, f"config key '{key}': expected > 0 seconds, got {v}")
+    for key, v in [("data.retries", d.retries), ("data.retry_backoff", d.retry_backoff)]:
+        need(v >= 0, f"config key '{key}': expected >= 0, got {v}")
+    if not d.prepare:
+        return
+    for key, path in [("data.tokenizer", d.tokenizer), *[(f"data.sources[{i}].path", s.path) for i, s in
+                      enumerate(d.sources)], *[(f"data.validation[{i}].path", p) for i, (_, p) in
+                                               enumerate(d.validation_sets())]]:
+        need(not scheme(path), f"config key 'data.prepare': {key} is {path}, not a local path: data.prepare="
+                               f"{d.prepare} writes its tokenizer and shards to local paths (write shards with `bigtrain "
+                               "shards`, upload them, and drop data.prepare)")
 
 
 def to_dict(cfg) -> dict:

@@ -129,8 +129,14 @@ class ParallelConfig:
 @dataclass
 class DataSource:
     path: str = ""
-    """Shards of one dataset: a directory holding `manifest.json`, a brace-expanded URL list
-    (`/data/x-{000000..000099}.tar`) or a `pipe:` command with braces."""
+    """Shards of one dataset: a directory holding `manifest.json` (local, or an http(s)/S3 URL ending in '/':
+    `https://host/dir/`, `s3://bucket/prefix/`), or a brace-expanded list of shard files or URLs
+    (`/data/x-{000000..000099}.tar`, `https://host/dir/x-{000000..000099}.tar`, `s3://bucket/x-{0..9}.tar`; an
+    http(s)/S3 list uses the manifest.json beside its shards when there is one), or a `pipe:COMMAND` with braces,
+    whose standard output is a shard. A `pipe:` source runs a shell command: a config file is code. S3 takes its
+    endpoint, region and credentials from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+    Without a manifest (pipe:, most URL lists) nothing is checked before a shard is read and a shard lost
+    mid-read counts as one skipped member, however many it held."""
     weight: float = 1.0
     """Relative sampling weight of this source in the blend."""
     name: str = ""
@@ -163,12 +169,28 @@ class DataConfig:
     max_skip_fraction: float = 0.05
     """Stop the run when corrupt or unreadable tar members skipped so far exceed this fraction of the members
     read (each data-parallel rank counts the lanes it reads, over at least 1,000 members, so a few early bad
-    ones don't stop a run; a lost shard counts all its members)."""
+    ones don't stop a run; a shard lost mid-read counts the members its manifest says were left, as one where
+    there is no manifest)."""
     num_workers: int = 0
     """Background loader processes per rank (0 = read in the training process)."""
+    stall_timeout: float = 60.0
+    """Seconds a shard read (http(s), S3, `pipe:`) may go without receiving a byte before it fails (a
+    stalled `pipe:` command is killed). Also the read timeout of every HTTP and S3 request."""
+    connect_timeout: float = 10.0
+    """Seconds to connect to an http(s) or S3 server before the attempt fails."""
+    retries: int = 3
+    """Retries per shard (and per remote manifest.json) after a transient failure: connection refused or reset,
+    a timeout or stall, HTTP 408/429/5xx, S3 throttling, a response cut short. A read that broke mid-shard
+    resumes at the byte it reached (HTTP Range, S3 ranged GET), so nothing is lost. Not retried: a missing object
+    (HTTP 404, S3 NoSuchKey), other errors, `pipe:` commands (a non-zero exit, a stall, a truncated tar). A shard
+    that still fails is skipped and its lost members counted against `max_skip_fraction`; a manifest that cannot
+    be read stops the start-up."""
+    retry_backoff: float = 1.0
+    """Seconds before the first retry of a shard, doubled for each further one."""
     prepare: Literal["", "stdlib"] = ""
     """Build the tokenizer and shards this section names from a built-in corpus when they are missing
-    (`stdlib`: the Python standard library's sources, no download)."""
+    (`stdlib`: the Python standard library's sources, no download). Local paths only: with a URL or `pipe:`
+    source, validation set or tokenizer the config is refused."""
 
     def validation_sets(self) -> list[tuple[str, str]]:
         """(name, path) of each held-out set, names defaulting to the path's basename (a plain string assigned in
@@ -290,7 +312,9 @@ class WatchdogConfig:
     """Seconds the first step after a start or resume may take (warm-up, allocator, first data reads)."""
     step_timeout: float = 0.0
     """Seconds one step may take before it counts as hung; 0 = derived from the measured step times:
-    max(watchdog.min_step_timeout, watchdog.step_timeout_factor x the slowest of the last 100 steps)."""
+    max(watchdog.min_step_timeout, watchdog.step_timeout_factor x the slowest of the last 100 steps), and with
+    remote or `pipe:` sources at least the time one shard read may take before the loader gives it up
+    ((data.retries + 1) x (data.connect_timeout + data.stall_timeout) + the backoff)."""
     step_timeout_factor: float = 10.0
     """With step_timeout = 0: the budget as a multiple of the slowest recent step."""
     min_step_timeout: float = 60.0

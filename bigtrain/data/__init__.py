@@ -6,10 +6,11 @@
     load_tokenizer(path) -> Tokenizer                              sentencepiece .model or HF tokenizer.json
     merge_states([rank.local_state(), ...]) -> global loader state
 
-The loader, one concern a module: sources.py (what is read), members.py (reading one source's shards: tar
-members, checksums, skips), order.py (the global sample order: lanes and blending), workers.py (background
-reader processes), stream.py (the stream and its state), validation.py. Imports are lazy so that tokenizer
-processes and `bigtrain tokenizer` start without torch.
+The loader, one concern a module: sources.py (what is read), remote.py (a shard's bytes: local files, http(s),
+S3, pipe: commands; timeouts and retries), members.py (reading one source's shards: tar members, checksums,
+skips), order.py (the global sample order: lanes and blending), workers.py (background reader processes),
+stream.py (the stream and its state), validation.py. Imports are lazy so that tokenizer processes and
+`bigtrain tokenizer` start without torch.
 """
 import importlib
 

@@ -1,8 +1,9 @@
-"""Reading one source's shards: `.npy` members out of WebDataset tars (through webdataset's gopen and tar
-iterator), each checked against its `.npy.xxh3` checksum, its shape and the vocabulary; a `Cursor` is one
-lane's position in one source (which shards it reads in which epoch, how far it is in the current one) and
-resumes there without decoding the members before it. Unreadable, corrupt or truncated members are skipped and
-counted (`Counters`), a lost shard counts all the members the manifest says it had.
+"""Reading one source's shards: `.npy` members out of WebDataset tars (the bytes from remote.py, the members
+through webdataset's tar iterator), each checked against its `.npy.xxh3` checksum, its shape and the vocabulary;
+a `Cursor` is one lane's position in one source (which shards it reads in which epoch, how far it is in the
+current one) and resumes there without decoding the members before it. Unreadable, corrupt or truncated members
+are skipped and counted (`Counters`); a lost shard counts the members the manifest says it had left (one without
+a manifest).
 """
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import io
 import logging
 
 import numpy as np
-from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
 from ..errors import BigtrainError
+from .remote import ReadOptions, open_shard
 from .shards import member_digest
 from .sources import Source
 
@@ -48,11 +49,11 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype, shape[0] * shape[1], end).reshape(shape)
 
 
-def tar_members(url: str):
-    """(name, bytes, digest) of the `.npy` members of one shard, through webdataset's gopen and tar iterator;
-    `digest` is the member's `.npy.xxh3` companion (None when the shard has none)."""
-    stream = gopen(url)
-    done = False
+def tar_members(url: str, reading: ReadOptions):
+    """(name, bytes, digest) of the `.npy` members of one shard, read by webdataset's tar iterator from the
+    shard's stream (remote.py); `digest` is the member's `.npy.xxh3` companion (None when the shard has none).
+    After the last member the shard must prove whole (all bytes, exit status 0, the tar's end blocks)."""
+    stream = open_shard(url, reading)
     try:
         pending = None
         for f in tar_file_iterator(stream):
@@ -68,13 +69,9 @@ def tar_members(url: str):
                 pending = (name, f["data"])
         if pending is not None:
             yield pending[0], pending[1], None
-        done = True
+        stream.finish()
     finally:
-        try:
-            stream.close()
-        except Exception:
-            if done:  # e.g. a pipe: command's exit status; when reading stopped early it is not of interest
-                raise
+        stream.close()
 
 
 class Counters:
@@ -135,7 +132,7 @@ class Cursor:
         while True:
             url = self.src.urls[int(self.lane_shards()[self.shard])]
             if self.members is None:
-                self.members = tar_members(url)
+                self.members = tar_members(url, self.src.reading)
                 if self._resume and self._restart(url):
                     return
             if self.members is not None and self._load(url):

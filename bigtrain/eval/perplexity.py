@@ -112,6 +112,7 @@ def evaluate_checkpoint(src: str, data: list[str] = (), batches: int | None = No
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from ..data.remote import ReadOptions
     from ..data.sources import check_sources, open_source
     from ..data.validation import ValidationSource
     from ..parallel import on_rank0
@@ -132,7 +133,7 @@ def evaluate_checkpoint(src: str, data: list[str] = (), batches: int | None = No
         if root and not os.path.isdir(root):
             raise BigtrainError(f"rank {dist.get_rank()}: {root} (text tokenized by rank 0) is not visible here: "
                                 "build shards with `bigtrain shards` for multi-node evaluation")
-        sources = [open_source(path, name) for name, path in sets]
+        sources = [open_source(path, name, reading=ReadOptions.of(cfg.data)) for name, path in sets]
         tokenizer = None
         if cfg.data.tokenizer and os.path.exists(cfg.data.tokenizer):
             from ..data import load_tokenizer

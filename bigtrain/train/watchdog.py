@@ -97,6 +97,7 @@ class Watchdog(Callback):
         self.run_dir = cfg.run.dir
         self.step = 0
         self.recent: deque = deque(maxlen=RECENT_STEPS)
+        self.read_floor = _remote_read_floor(cfg.data)
         self._steps_seen = 0
         self._state = ("start-up", self.w.startup_timeout, time.monotonic())  # (phase, budget, since)
         self._stop = threading.Event()
@@ -119,7 +120,7 @@ class Watchdog(Callback):
     def step_budget(self) -> float:
         if self.w.step_timeout:
             return self.w.step_timeout
-        return max(self.w.min_step_timeout, self.w.step_timeout_factor * max(self.recent))
+        return max(self.w.min_step_timeout, self.read_floor, self.w.step_timeout_factor * max(self.recent))
 
     def enter(self, phase: str) -> None:
         if phase == "step" and not (self.recent or self.w.step_timeout):
@@ -235,6 +236,16 @@ class Watchdog(Callback):
         if proc.returncode:
             return f"requeue failed: scontrol requeue {job}: {proc.stderr.strip()}"
         return f"requeued job {job}; it resumes from its last checkpoint"
+
+
+def _remote_read_floor(data) -> float:
+    """With remote or `pipe:` sources, a derived step budget is never shorter than one shard read's own limit
+    (data.stall_timeout, data.retries, ...): the loader gives up on a stalled shard, skips and counts it, before
+    the watchdog calls the step hung. (A step that needs several stalled shards in a row can still outlive its
+    budget: a dead server then ends the run as a hang, its stack naming the read.)"""
+    from ..data.remote import ReadOptions, scheme
+    paths = [s.path for s in data.sources] + [path for _, path in data.validation_sets()]
+    return ReadOptions.of(data).give_up_seconds() if any(scheme(p) for p in paths) else 0.0
 
 
 def _say(line: str) -> None:

@@ -91,3 +91,16 @@ def test_watchdog_keys_are_checked_in_one_line(item, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [item])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_with_remote_sources_a_derived_step_budget_outlasts_one_shard_read():
+    """The loader gives up on a stalled shard (and counts it) before the watchdog calls the step hung."""
+    remote = watchdog("data.sources=[{path: 'http://127.0.0.1:9/s-{0..3}.tar'}]", "data.stall_timeout=20",
+                      "data.connect_timeout=5", "data.retries=2", "data.retry_backoff=1", "watchdog.min_step_timeout=1")
+    remote.recent.append(0.1)
+    remote.enter("step")
+    assert remote._state[:2] == ("step", 3 * (5 + 20) + 3)
+    local = watchdog("watchdog.min_step_timeout=1")
+    local.recent.append(0.1)
+    local.enter("step")
+    assert local._state[:2] == ("step", 1.0)
