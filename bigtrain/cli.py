@@ -1,4 +1,4 @@
-"""`bigtrain` command line: train, config, tokenizer, shards, submit, convert, eval, generate, plot, lm-eval.
+"""`bigtrain` command line: train, config, plan, tokenizer, shards, submit, convert, eval, generate, plot, lm-eval.
 
 Each subcommand parses its arguments here and calls one function of the package; user mistakes
 (`BigtrainError`) end as one `bigtrain: error: ...` line and exit status 2.
@@ -65,6 +65,11 @@ def _generate(a):
     from .eval.generate import main as run_generate
     run_generate(a.src, a.prompt or [], a.prompt_file, a.overrides, max_new_tokens=a.max_new_tokens,
                  temperature=a.temperature, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache)
+
+
+def _plan(a):
+    from .parallel.plan import plan
+    print(plan(a.config, a.overrides, a.gpus, a.gpu_mem_gib, a.gpus_per_node, as_json=a.json))
 
 
 def _plot(a):
@@ -168,6 +173,15 @@ def parser() -> argparse.ArgumentParser:
     fh.add_argument("--gguf-file", default=None, help="read weights from this GGUF file inside SRC")
     fh.set_defaults(func=_convert_from_hf)
 
+    pn = sub.add_parser("plan", help="per-rank memory of a config's layout on N GPUs, and the layouts that fit")
+    pn.add_argument("config", help="YAML config file (see configs/)")
+    pn.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tensor=2")
+    pn.add_argument("--gpus", type=int, required=True, help="GPUs of the job (all nodes)")
+    pn.add_argument("--gpu-mem-gib", type=float, required=True, help="memory of one GPU in GiB, e.g. 80")
+    pn.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node: tensor parallelism stays inside one")
+    pn.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    pn.set_defaults(func=_plan)
+
     pl = sub.add_parser("plot", help="training curves of one or more runs in one PNG (loss, validation "
                                      "perplexity, lr, tokens/s)")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics.jsonl)")
@@ -193,7 +207,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command == "plan" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # overrides after the options: bigtrain plan CONFIG --gpus 8 --gpu-mem-gib 80 k=v
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except BigtrainError as e:

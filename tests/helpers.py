@@ -122,3 +122,68 @@ def pypi_download(spec: str) -> str:
                        check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
         found = [f for f in os.listdir(cache) if f.startswith(f"{name}-{version}-") and f.endswith(".whl")]
     return os.path.join(cache, found[0])
+
+
+def measured_state(cfg) -> list[dict]:
+    """Train `cfg` (at least 2 steps) and measure every rank's state bytes at its second optimizer step (gradients
+    reduced, AdamW's moments present): [per-rank {"parameters", "gradients", "optimizer", "total",
+    "pipeline_stage"}], the same list on every rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from bigtrain.parallel.measure import state_bytes
+    from bigtrain.train import train
+    from bigtrain.train.callbacks import Callback
+
+    class Measure(Callback):
+        def __init__(self):
+            self.calls, self.figures = 0, None
+
+        def before_optimizer_step(self, trainer, loss, grad_norm):
+            self.calls += 1
+            if self.calls == 2:
+                self.figures = dict(state_bytes(trainer.engine), pipeline_stage=ps.get_pipeline_model_parallel_rank())
+            return True
+
+    probe = Measure()
+    train(cfg, [probe])
+    assert probe.figures is not None, "the run ended before its second optimizer step"
+    if not dist.is_initialized():
+        return [probe.figures]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, probe.figures)
+    return out
+
+
+# Layouts whose measured state bytes are checked against `bigtrain plan` (tests/*/test_plan_memory.py,
+# tools/plan_vs_measured.py), by world size.
+PLAN_LAYOUTS = {
+    1: [["parallel.zero_stage=1"], ["train.precision=bf16"]],
+    2: [["parallel.zero_stage=1"], ["parallel.tensor=2"], ["train.precision=bf16", "parallel.zero_stage=3"]],
+    4: [["parallel.tensor=2", "parallel.zero_stage=2", "train.precision=bf16"], ["parallel.pipeline=2"],
+        ["parallel.tensor=2", "parallel.pipeline=2", "train.precision=bf16"]],
+}
+
+
+def plan_vs_measured(data: dict, run_dir: str, case: list[str]) -> list[dict]:
+    """Train the tiny model in layout `case` on this world and compare each rank's measured state bytes with the
+    plan's figure for its pipeline stage: [per rank {"layout", "rank", "stage", "plan", "measured", kinds...}]."""
+    import torch.distributed as dist
+
+    from bigtrain.config import load_config
+    from bigtrain.parallel.plan import configured_layout, stage_params, state_bytes
+
+    cfg = load_config(None, tiny(data, run_dir, "train.steps=2", *case))
+    measured = measured_state(cfg)
+    lay = configured_layout(cfg, len(measured))
+    rows = []
+    for rank, got in enumerate(measured):
+        n = stage_params(cfg.model, lay.tensor, lay.pipeline, got["pipeline_stage"])
+        want = state_bytes(n, lay.data, lay.zero_stage, cfg.train.precision)
+        rows.append(dict(layout=f"{lay.name} {cfg.train.precision}", world=len(measured), rank=rank,
+                         stage=got["pipeline_stage"], plan=want.total, measured=got["total"],
+                         plan_kinds=[want.parameters, want.gradients, want.optimizer],
+                         measured_kinds=[got["parameters"], got["gradients"], got["optimizer"]]))
+    if dist.is_initialized():
+        dist.barrier()
+    return rows

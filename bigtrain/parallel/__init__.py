@@ -7,7 +7,7 @@ import importlib
 
 _EXPORTS = {
     "setup": "distributed", "init_model_parallel": "distributed", "on_rank0": "distributed",
-    "build_engine": "engine", "check_layout": "engine",
+    "build_engine": "engine", "check_layout": "plan",
     "forward_backward": "schedule", "train_step": "schedule", "optimizer_step": "schedule",
 }
 __all__ = list(_EXPORTS)

@@ -10,7 +10,9 @@ with what it relies on. `check_version()` refuses a DeepSpeed outside `TESTED` w
 - resetting ZeRO's per-backward bookkeeping (1F1B runs several backwards in a row);
 - the locally accumulated gradient of a parameter (tied embeddings across pipeline stages);
 - the tensors AdamW keeps state for, each parameter's fp32 fragment, and relinking moments to parameters;
-- forgetting DeepSpeed's cached process groups and ZeRO-3's model stack (a new layout in the same process).
+- forgetting DeepSpeed's cached process groups and ZeRO-3's model stack (a new layout in the same process);
+- the tensors of the training state, reached through the optimizer's buffers (`bigtrain plan`'s figures are checked
+  against them).
 """
 from __future__ import annotations
 
@@ -201,3 +203,32 @@ def skip_shm_build() -> None:
 
     import deepspeed.comm.torch  # noqa: F401  (makes sure the module is loaded before patching)
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+# --- what an engine holds (bigtrain plan's figures are checked against it) ----------------------------------
+
+GRADIENT_BUFFERS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
+                    "fp32_groups_gradients_flat")  # ZeRO-1/2, ZeRO-2 contiguous, ZeRO-3, bf16 optimizer
+
+
+def state_tensors(engine) -> dict[str, list[torch.Tensor]]:
+    """The tensors of this rank's training state, by kind: "parameters" (the model's copy; ZeRO-3: this rank's
+    partition), "gradients" (the parameters' gradients, their fp32 accumulation buffers, the optimizer's flat and
+    partitioned gradient buffers, the fp32 master's gradient), "optimizer" (the fp32 master weights when they are
+    not the parameters themselves, AdamW's moments). Scalars (step counts, norms) are left out."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple, dict)):
+            for v in value.values() if isinstance(value, dict) else value:
+                yield from tensors(v)
+
+    params = list(engine.module.parameters())
+    masters = stepped_tensors(engine)
+    grads = [t for p in params for a in ("grad", "_hp_grad", "grad_accum") if (t := getattr(p, a, None)) is not None]
+    grads += [t for a in GRADIENT_BUFFERS for t in tensors(getattr(engine.optimizer, a, None))]
+    grads += [m.grad for m in masters if m.grad is not None]
+    moments = [v for st in inner_optimizer(engine).state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.numel() > 1]
+    return {"parameters": [getattr(p, "ds_tensor", p) for p in params], "gradients": grads,
+            "optimizer": masters + moments}

@@ -1,6 +1,7 @@
 """The DeepSpeed engine around a megatron-core model, applied from outside the model.
 
-- `check_layout` refuses, before any work, the parallel combinations that are not known to be exact.
+- `check_layout` (plan.py, torch-free) refuses, before any work, the parallel combinations that are not known
+  to be exact.
 - `MegatronMPU` tells DeepSpeed megatron's process groups. Without it DeepSpeed treats tensor-parallel
   ranks as data-parallel ones and trains silently wrong; with pipeline parallelism its "model parallel"
   group must span TP x PP so gradient norms cover every stage.
@@ -14,39 +15,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..config import Config, ConfigError, ffn_size, padded_vocab
+from ..config import Config
 from ..model.layout import counted_once
 from . import deepspeed_fence as fence
-
-
-def check_layout(cfg: Config, world: int) -> None:
-    """Refuse layouts that don't fit the world size or aren't supported, naming the combination."""
-    p, t = cfg.parallel, cfg.train
-    mp = p.tensor * p.pipeline
-    if world % mp:
-        raise ConfigError(f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} = {mp} does not divide "
-                          f"the {world} ranks of this job")
-    dp = world // mp
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
-    if ffn_size(cfg.model) % p.tensor:
-        raise ConfigError(f"config key 'parallel.tensor': {p.tensor} must divide the SwiGLU size {ffn_size(cfg.model)} "
-                          "(model.ffn_hidden_size)")
-    if padded_vocab(cfg.model) % p.tensor:
-        raise ConfigError(f"config key 'model.vocab_pad_multiple': the padded vocabulary "
-                          f"{padded_vocab(cfg.model)} must be divisible by parallel.tensor={p.tensor}")
-    if p.zero_stage == 0 and t.precision == "bf16":
-        raise ConfigError("unsupported: parallel.zero_stage=0 with train.precision=bf16 (DeepSpeed would accumulate "
-                          "gradients in bf16); use zero_stage=1, which keeps fp32 gradients and costs nothing extra")
-    if p.pipeline > 1 and p.zero_stage == 3:
-        raise ConfigError("unsupported: parallel.zero_stage=3 with parallel.pipeline > 1 (DeepSpeed ZeRO-3 "
-                          "cannot gather parameters across megatron's pipeline schedule); use zero_stage 0-2 with "
-                          "pipeline parallelism, or zero_stage=3 with tensor/data parallelism")
-    if p.pipeline > 1 and p.zero_stage == 2 and cfg.model.tie_embeddings:
-        raise ConfigError("unsupported: parallel.zero_stage=2 with parallel.pipeline > 1 and "
-                          "model.tie_embeddings=true (the two stages' copies of the embedding cannot be "
-                          "reduced once ZeRO-2 has partitioned their gradients); use zero_stage 0/1 or untied embeddings")
+from .plan import check_layout  # noqa: F401  (the layout rules, torch-free, shared with `bigtrain plan`)
 
 
 class MegatronMPU:
