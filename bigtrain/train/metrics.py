@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from ..config import Config, ffn_size, kv_heads, padded_vocab
+from ..config import Config
+from ..parallel.plan import param_count
 
 log = logging.getLogger("bigtrain")
 
@@ -29,13 +30,8 @@ def setup_logging(rank: int) -> None:
 
 
 def num_params(cfg: Config) -> int:
-    """Parameters of the whole (unsharded) model, padded vocabulary included."""
-    m = cfg.model
-    d, hd = m.hidden_size, m.hidden_size // m.num_attention_heads
-    attn = d * (m.num_attention_heads + 2 * kv_heads(m)) * hd + m.num_attention_heads * hd * d
-    layer = attn + 3 * d * ffn_size(m) + 2 * d
-    emb = padded_vocab(m) * d
-    return m.num_layers * layer + d + emb * (1 if m.tie_embeddings else 2)
+    """Parameters of the whole (unsharded) model, padded vocabulary included (what the engine holds)."""
+    return param_count(cfg.model, padded=True)
 
 
 def flops_per_token(cfg: Config) -> float:

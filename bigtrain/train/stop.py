@@ -42,6 +42,16 @@ def check_restarts(max_requeues: int) -> None:
                             f"launch.max_requeues={max_requeues}: not resuming (raise launch.max_requeues to go on)")
 
 
+def scontrol_requeue(job: str) -> str | None:
+    """`scontrol requeue JOB` (after a time-limit signal, or a hang: watchdog.py); None when it worked, else why
+    not (scontrol's own message)."""
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return (proc.stderr.strip() or f"exit status {proc.returncode}") if proc.returncode else None
+
+
 class StopRequest:
     def __init__(self, signals=STOP_SIGNALS):
         self.signal = 0
@@ -71,10 +81,10 @@ class StopRequest:
         if rank != 0:
             return "requeued by rank 0"
         job = os.environ["SLURM_JOB_ID"]
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if proc.returncode:
-            log.error(f"scontrol requeue {job} failed: {proc.stderr.strip()}")
-            return f"requeue failed: {proc.stderr.strip()}"
+        error = scontrol_requeue(job)
+        if error:
+            log.error(f"scontrol requeue {job} failed: {error}")
+            return f"requeue failed: {error}"
         return f"requeued job {job}"
 
     def restore_handlers(self) -> None:

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,9 +36,7 @@ from contextlib import contextmanager
 
 from ..parallel.distributed import set_collective_timeout
 from .callbacks import Callback
-from .stop import restart_count
-
-log = logging.getLogger("bigtrain")
+from .stop import restart_count, scontrol_requeue
 
 EXIT_HANG = 124  # like timeout(1): the run hung and was ended by its watchdog
 HANGS = "hangs"  # run.dir/hangs: stack dumps and hangs.jsonl
@@ -102,7 +98,6 @@ class Watchdog(Callback):
         self._state = ("start-up", self.w.startup_timeout, time.monotonic())  # (phase, budget, since)
         self._stop = threading.Event()
         self._thread = None
-        self._trained = False
 
     # --- phases --------------------------------------------------------------------------------------------
 
@@ -155,14 +150,10 @@ class Watchdog(Callback):
 
     def after_step(self, trainer, record):
         self._steps_seen += 1
-        if self._steps_seen > 1:  # the first step of a process warms up: not a measure of the others
-            self.recent.append(record["step_seconds"])
-        if not self._trained:
-            self._trained = True
+        if self._steps_seen == 1:  # start-up is over; the first step of a process warms up: not a measure
             set_collective_timeout(self.w.collective_timeout)
-
-    def on_close(self, trainer, error):
-        self.stop()
+        else:
+            self.recent.append(record["step_seconds"])
 
     # --- the watching thread -------------------------------------------------------------------------------
 
@@ -229,12 +220,9 @@ class Watchdog(Callback):
             return why + " (requeued by another rank)"
         except OSError:
             pass
-        try:
-            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"requeue failed: {e}"
-        if proc.returncode:
-            return f"requeue failed: scontrol requeue {job}: {proc.stderr.strip()}"
+        error = scontrol_requeue(job)
+        if error:
+            return f"requeue failed: scontrol requeue {job}: {error}"
         return f"requeued job {job}; it resumes from its last checkpoint"
 
 
