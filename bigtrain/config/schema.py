@@ -255,12 +255,13 @@ class GuardConfig:
 
 @dataclass
 class FaultSpec:
-    kind: Literal["nan_loss", "inf_grad", "spike", "error", "hang", "stop", "slow"] = "nan_loss"
+    kind: Literal["nan_loss", "inf_grad", "spike", "error", "hang", "stop", "kill", "slow"] = "nan_loss"
     """`nan_loss`: the logits of this rank (it must hold the output layer: a last pipeline stage) become NaN;
     `inf_grad`: one element of one gradient on this rank becomes inf; `spike`: this rank's logits are multiplied
     by `value`; `error`: this rank raises an exception in its forward pass; `hang`: this rank sleeps `value`
     seconds in its forward pass; `stop`: this rank stops itself (SIGSTOP) in its forward pass, as a frozen
-    process would; `slow`: from this batch on, this rank computes for `value` extra seconds in each forward
+    process would; `kill`: this rank kills itself (SIGKILL) in its forward pass, as the OOM killer or a lost node
+    would; `slow`: from this batch on, this rank computes for `value` extra seconds in each forward
     pass (a straggler)."""
     batch: int = 0
     """Global batch index (0-based, every batch drawn counts, skipped ones too) whose step the fault hits."""

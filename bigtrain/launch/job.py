@@ -15,7 +15,7 @@ Signals: who handles what, when (one requeue per time-limit stop, always bigtrai
     launch.max_requeues);
   * after training (`StopRequest` restored the guard's handlers): USR1/USR2/SIGTERM are logged and ignored
     (the SIGTERM that follows bigtrain's own requeue lands here or in `StopRequest`).
-- A hung run (train/watchdog.py) requeues the job itself and leaves with os._exit(124): no result pickle
+- A hung run, or one that lost a rank (train/watchdog.py), requeues the job itself and leaves with os._exit(124): no result pickle
   either, so `--wait` follows the requeued job.
 - A run that stopped early leaves with exit status 75 and *no* result pickle, so submitit (and `--wait`)
   keep waiting for the requeued run; errors raise (submitit writes an error pickle), exit 1, and SLURM
@@ -97,7 +97,8 @@ class TrainJob:
             dist_env.export(set_cuda_visible_devices=False, overwrite=True)
             from ..train.stop import restart_count
             from ..train import train
-            _say(f"rank {dist_env.rank}/{dist_env.world_size} on {os.uname().nodename}: master "
+            node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename  # SLURM's node name, else the host's
+            _say(f"rank {dist_env.rank}/{dist_env.world_size} on {node}: master "
                  f"{dist_env.master_addr}:{dist_env.master_port}, SLURM job {os.environ.get('SLURM_JOB_ID')} "
                  f"restart {restart_count()}")
             try:

@@ -8,6 +8,7 @@ model from outside (nothing in the model or the loop knows of them):
 - `error`: a forward pre-hook raises an exception on this rank (an exception on one rank of many);
 - `hang`: the pre-hook sleeps `value` seconds (a rank stuck inside a step);
 - `stop`: the pre-hook stops the process (SIGSTOP: a frozen rank that can do nothing, not even dump its stack);
+- `kill`: the pre-hook kills the process (SIGKILL: a rank gone without a word, like a node lost or the OOM killer);
 - `slow`: from batch `batch` on, the pre-hook computes for `value` extra seconds in each forward (a straggler).
 A fault with `restart` >= 0 is injected only in the run with that SLURM_RESTART_COUNT.
 """
@@ -57,7 +58,7 @@ class FaultInjection(Callback):
         if "inf_grad" in kinds:
             param = next(p for p in model.parameters() if p.requires_grad)
             param.register_hook(self._grad)
-        if kinds & {"error", "hang", "stop", "slow"}:
+        if kinds & {"error", "hang", "stop", "kill", "slow"}:
             model.register_forward_pre_hook(self._error)
 
     def _logits(self, module, args, output):
@@ -76,6 +77,8 @@ class FaultInjection(Callback):
         return grad
 
     def _error(self, module, args):
+        if self._active("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
         for kind in ("hang", "stop"):  # once, not in every microbatch of the step
             if (f := self._active(kind)) is not None and id(f) not in self._fired:
                 self._fired.add(id(f))

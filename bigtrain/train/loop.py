@@ -163,12 +163,15 @@ class Trainer:
             error = e
             why = lost_peer(e)
             if why is None:
+                self.watchdog.note_failure(e)
                 raise
             self._hang_if_timed_out(why)
+            self.watchdog.lost_rank(why)  # a rank killed or lost with its node: requeue (never returns)
             raise BigtrainError(f"rank {self.rank}: another rank stopped answering during a collective ({why}); "
                                 "its own error says why") from None
         except BaseException as e:
             error = e
+            self.watchdog.note_failure(e)
             raise
         finally:
             self._close(error)

@@ -9,8 +9,8 @@ all-reduce, see loop.py):
   within SLURM's KillWait and exits; requeueing, if any, is SLURM's.
 
 A run that stopped early exits with EXIT_REQUEUE (75, EX_TEMPFAIL), so batch scripts can tell "come back
-later" from success (0) and from errors (1, 2), which are never requeued. A hung run exits with 124 and
-requeues itself (watchdog.py).
+later" from success (0) and from errors (1, 2), which are never requeued. A hung run, or one that lost a rank
+without an error of its own (killed, its node gone), exits with 124 and requeues itself (watchdog.py).
 """
 from __future__ import annotations
 

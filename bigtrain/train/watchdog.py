@@ -20,6 +20,9 @@ to stderr and exits with status 1 a grace period later (`backstop`, re-armed by 
 
 Collective timeouts back the watchdog up: the start-up timeout until the first step is done, then
 `watchdog.collective_timeout` on every process group. A collective that times out is a hang like any other.
+
+A collective that fails because another rank is gone is a "lost rank" and ends the same way, requeue included,
+unless that rank left a note that it failed with an error of its own (`lost_rank`, `note_failure`).
 """
 from __future__ import annotations
 
@@ -102,6 +105,10 @@ class Watchdog(Callback):
     # --- phases --------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        try:  # a note of this rank's own, left by an earlier attempt with the same restart count (see lost_rank)
+            os.remove(os.path.join(self.run_dir, HANGS, f"failed-restart{restart_count()}-rank{self.rank}"))
+        except OSError:
+            pass
         if self.w.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="bigtrain-watchdog", daemon=True)
             self._thread.start()
@@ -141,7 +148,7 @@ class Watchdog(Callback):
         earlier = [h for h in read_hangs(self.run_dir) if h.get("restart") == restart_count() - 1]
         if earlier:
             h = earlier[0]
-            trainer.metrics.event("hang", h.get("step", 0), phase=h.get("phase"), rank=h.get("rank"),
+            trainer.metrics.event(h.get("kind", "hang").replace(" ", "_"), h.get("step", 0), phase=h.get("phase"), rank=h.get("rank"),
                                   seconds=h.get("elapsed"), restart=h.get("restart"), dump=h.get("dump"))
 
     def before_step(self, trainer):
@@ -168,9 +175,10 @@ class Watchdog(Callback):
             self._stop.wait(min(1.0, max(0.01, left)))
         faulthandler.cancel_dump_traceback_later()
 
-    def expire(self, phase: str, budget: float, elapsed: float, cause: str = "") -> None:
-        """The run is hung: dump every thread's stack, record it, requeue under SLURM, say so, exit 124.
-        Never returns (a second caller, e.g. a collective timing out while the thread acts, waits for the exit)."""
+    def expire(self, phase: str, budget: float, elapsed: float, cause: str = "", kind: str = "hang") -> None:
+        """The run is hung (or lost a rank: `kind` "lost rank"): dump every thread's stack, record it, requeue
+        under SLURM, say so, exit 124. Never returns (a second caller, e.g. a collective timing out while the
+        thread acts, waits for the exit)."""
         if not _EXPIRING.acquire(blocking=False):
             while True:
                 time.sleep(3600)
@@ -191,7 +199,7 @@ class Watchdog(Callback):
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         requeue, why = requeue_decision(read_hangs(self.run_dir), self.step, phase, restart,
                                         self.cfg.launch.max_requeues, bool(job))
-        record = dict(time=time.time(), rank=self.rank, phase=phase, step=self.step, budget=budget,
+        record = dict(time=time.time(), kind=kind, rank=self.rank, phase=phase, step=self.step, budget=budget,
                       elapsed=round(elapsed, 3), cause=cause, restart=restart, job=job, host=socket.gethostname(),
                       pid=os.getpid(), dump=dump, requeue=requeue)
         try:
@@ -202,7 +210,7 @@ class Watchdog(Callback):
         if requeue:
             why = self._requeue(folder, job, restart, why)
         workers = _end_children()
-        _say(f"bigtrain: error: rank {self.rank}: hang: {what} at step {self.step}; stacks of every thread in "
+        _say(f"bigtrain: error: rank {self.rank}: {kind}: {what} at step {self.step}; stacks of every thread in "
              f"{dump}{workers}; {why}")
         _wake_local_peers()
         os._exit(EXIT_HANG)
@@ -211,6 +219,39 @@ class Watchdog(Callback):
         """A collective outlived watchdog.collective_timeout (or the start-up one): a hang. Never returns."""
         phase, budget, since = self._state
         self.expire(phase, budget, time.monotonic() - since, cause=f"a collective timed out in {phase} ({why})")
+
+    def lost_rank(self, why: str, grace: float = 3.0) -> None:
+        """A collective failed because another rank is gone. A rank that fails by itself (an exception: a bug, a
+        config or data error) leaves a note first (`note_failure`), and its error is the run's: then this returns
+        and the caller ends the run with an error, not requeued. A rank gone without a note was killed (kill -9,
+        the OOM killer) or lost with its node: that is handled like a hang -- stacks, record, requeue under SLURM,
+        exit 124 (never returns)."""
+        deadline = time.monotonic() + grace  # the failing rank's note may still be on its way
+        while True:
+            if self.failure_notes():
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        phase, budget, since = self._state
+        self.expire(phase, budget, time.monotonic() - since, kind="lost rank",
+                    cause=f"another rank is gone without an error of its own ({why})")
+
+    def note_failure(self, error: BaseException) -> None:
+        """This rank fails with an error of its own: say so where the other ranks look (see `lost_rank`)."""
+        try:
+            os.makedirs(os.path.join(self.run_dir, HANGS), exist_ok=True)
+            with open(os.path.join(self.run_dir, HANGS, f"failed-restart{restart_count()}-rank{self.rank}"), "w") as f:
+                f.write(f"{type(error).__name__}: {error}"[:2000])
+        except OSError:
+            pass
+
+    def failure_notes(self) -> list[str]:
+        try:
+            names = os.listdir(os.path.join(self.run_dir, HANGS))
+        except OSError:
+            return []
+        return [n for n in names if n.startswith(f"failed-restart{restart_count()}-rank")]
 
     def _requeue(self, folder: str, job: str, restart: int, why: str) -> str:
         """One rank requeues the job (the first to create the marker file); the others leave it to that one."""

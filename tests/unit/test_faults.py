@@ -207,6 +207,26 @@ def test_an_exception_on_one_rank_ends_every_rank(data, tmp_path):
     assert len(helpers.losses(run)) == 3  # steps 1-3 trained, the 4th never finished
 
 
+def test_a_rank_killed_without_a_word_ends_every_rank_as_a_lost_rank(data, tmp_path):
+    """kill -9 of one rank mid-run (not an error of its own: no note in run.dir/hangs): the survivor's collective
+    fails, it waits briefly for a failure note, finds none and ends the run like a hang -- stacks, a hangs.jsonl
+    record of kind "lost rank", exit 124 (under SLURM it would requeue the job: tests/unit/test_slurm.py)."""
+    run = str(tmp_path / "run")
+    t0 = time.time()
+    proc = subprocess.run(torchrun(data, run, "train.steps=1000", "debug.faults=[{kind: kill, batch: 3, rank: 1}]"),
+                          env=helpers.clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=180)
+    assert proc.returncode != 0 and time.time() - t0 < 90, proc.stdout[-3000:]
+    assert len(helpers.losses(run)) == 3
+    assert "bigtrain: error: rank 0: lost rank: another rank is gone without an error of its own (" in proc.stdout, \
+        proc.stdout[-3000:]
+    assert "not under SLURM: not requeued" in proc.stdout
+    with open(os.path.join(run, "hangs", "hangs.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [(r["kind"], r["rank"], r["step"], r["requeue"]) for r in records] == [("lost rank", 0, 3, False)], records
+    assert not [n for n in os.listdir(os.path.join(run, "hangs")) if n.startswith("failed-")]
+
+
 # ---------------------------------------------------------------------------------------------- start-up
 
 def test_read_only_and_full_run_directories_are_one_line(data, tmp_path):

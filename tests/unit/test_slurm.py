@@ -348,6 +348,99 @@ def test_multi_node_template_keeps_tp_in_a_node_and_matches_one_process(slurm_cl
     assert helpers.max_rel_diff(got, want) < 1e-5, (got, want)
 
 
+def _wait_for(job: str, folder: str, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        state = live_state(job)
+        assert time.time() < deadline and not state.startswith(TERMINAL), (state, log_text(folder, job)[-5000:])
+        time.sleep(0.2)
+
+
+def test_submit_on_two_nodes_pp_across_nodes_survives_a_killed_rank_a_requeue_and_a_time_limit(
+        slurm_cluster, data, tmp_path):
+    """`bigtrain submit --nodes 2` on the two-node cluster, PP2 across the nodes (stage 0 on ranks 0-1 of the first
+    node, stage 1 on ranks 2-3 of the second) x DP2, one job interrupted three ways, each followed by a resume:
+    1. rank 2 (second node) is killed (SIGKILL, debug.faults kind `kill`, first run only) in step 151: the other
+       ranks' collectives fail, no rank left an error note, so one of them requeues the job (exit 124) and the
+       second run resumes from the step-100 checkpoint;
+    2. `scontrol requeue` mid-run (preemption): SIGTERM -> checkpoint -> restart 2 resumes there;
+    3. the time-limit signal (USR2, what --signal=USR2@N sends to the job's tasks) mid-run: checkpoint, rank 0
+       requeues -> restart 3 finishes.
+    Every step's loss (the last run of each step) equals, bit for bit, that of the same layout run uninterrupted
+    under torchrun (started beside the job); the first 50 steps equal one process's within
+    1e-5 (over hundreds of steps, the layouts' float rounding drifts further apart than that)."""
+    nodes = _run(["sinfo", "-h", "-N", "-o", "%N"]).stdout.split()
+    assert len(set(nodes)) >= 2, f"the multi-node tests need `tools/slurm/start.sh --nodes 2` (nodes: {nodes})"
+    run_dir, steps = str(tmp_path / "run"), 300
+    kill = "debug.faults=[{kind: kill, batch: 150, rank: 2, restart: 0}]"
+    common = [f"train.steps={steps}", "parallel.pipeline=2"]
+    t0 = time.time()
+    uninterrupted = str(tmp_path / "uninterrupted")
+    ref = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                            str(helpers.free_port()), "--no-python", "bigtrain", "train", os.devnull,
+                            *helpers.tiny(data, uninterrupted, *common)], env=env(), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proc = submit("/dev/null", *helpers.tiny(data, run_dir, *common, "checkpoint.interval=100", "checkpoint.keep=2",
+                                                 kill),
+                      "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--cpus-per-task", "1", "--time", "10",
+                      "--job-name", "bt-two-nodes")
+        assert proc.returncode == 0, proc.stdout
+        job = job_id(proc.stdout)
+        folder = os.path.join(run_dir, "slurm")
+
+        def resumed(restart):
+            return [e for e in events(run_dir) if e["event"] == "resume" and e["restart"] == restart]
+
+        def last_step():
+            rows = helpers.read_metrics(run_dir) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
+            return rows[-1]["step"] if rows else 0
+
+        # 1. the killed rank
+        _wait_for(job, folder, lambda: os.path.exists(os.path.join(run_dir, "events.jsonl")) and resumed(1)
+                  and last_step() >= 180)
+        t_preempt = time.time()
+        assert _run(["scontrol", "requeue", job]).returncode == 0
+        # 2. the preemption, then 3. the time-limit signal
+        _wait_for(job, folder, lambda: resumed(2) and last_step() >= resumed(2)[0]["step"] + 20)
+        t_limit = time.time()
+        assert _run(["scancel", "--signal=USR2", job]).returncode == 0
+        state = wait_done(job, timeout=400)
+        print(f"two-node submit, kill -9 + scontrol requeue + time-limit signal: {time.time() - t0:.1f} s")
+        logs = "".join(log_text(folder, job, r) for r in range(4))
+        assert state == "COMPLETED", logs[-6000:]
+        assert show_job(job).get("Restarts") == "3"
+        assert re.search(r"rank 0/4 on 127\.0\.0\.2", log_text(folder, job, 0)), log_text(folder, job, 0)[:3000]
+        assert re.search(r"rank 2/4 on 127\.0\.0\.3", log_text(folder, job, 2)), log_text(folder, job, 2)[:3000]
+        # 1. the kill: the survivors found no error note, called it a lost rank and one of them requeued the job
+        with open(os.path.join(run_dir, "hangs", "hangs.jsonl")) as f:
+            lost = [json.loads(line) for line in f]
+        assert lost and {h["kind"] for h in lost} == {"lost rank"} and {h["step"] for h in lost} == {150}, lost
+        assert 2 not in {h["rank"] for h in lost} and any(h["requeue"] for h in lost), lost
+        assert re.search(r"bigtrain: error: rank \d: lost rank: another rank is gone without an error of its own", logs)
+        assert f"requeued job {job}; it resumes from its last checkpoint" in logs
+        ev = events(run_dir)
+        assert [e["step"] for e in ev if e["event"] == "lost_rank"] == [150], ev
+        assert resumed(1)[0]["step"] == 100, ev
+        # 2. and 3.: a SIGTERM stop and a time-limit stop, each resumed where it stopped
+        stopped = [e for e in ev if e["event"] == "stopped"]
+        assert [e["reason"] for e in stopped] == ["SIGTERM", "SIGUSR2"], ev
+        assert resumed(2)[0]["step"] == stopped[0]["step"] and resumed(3)[0]["step"] == stopped[1]["step"], ev
+        assert 150 < stopped[0]["step"] < stopped[1]["step"] < steps, ev
+        print(f"resumed: after the kill {resumed(1)[0]['time'] - max(h['time'] for h in lost):.1f} s, after scontrol "
+              f"requeue {resumed(2)[0]['time'] - t_preempt:.1f} s, after the time-limit signal "
+              f"{resumed(3)[0]['time'] - t_limit:.1f} s")
+        got = {r["step"]: r["loss"] for r in helpers.read_metrics(run_dir)}
+        assert sorted(got) == list(range(1, steps + 1))
+        out = ref.communicate(timeout=300)[0]
+        assert ref.returncode == 0, out[-3000:]
+        assert [got[s] for s in sorted(got)] == helpers.losses(uninterrupted)
+        want = helpers.reference_losses(str(tmp_path), helpers.tiny(data, "", *common[:1]))  # one process
+        assert helpers.max_rel_diff([got[s] for s in range(1, 51)], want[:50]) < 1e-5
+    finally:
+        ref.kill()
+
+
 def test_failing_job_is_not_requeued(slurm_cluster, data, tmp_path):
     """A config error (the same for a code error: exit 1) ends the job FAILED; nothing requeues it."""
     run_dir = str(tmp_path / "run")
