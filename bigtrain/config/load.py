@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -205,6 +206,16 @@ def check(cfg: Config) -> None:
          f"config key 'parallel.tensor': {p.tensor} must divide the query heads ({m.num_attention_heads}) and KV heads ({kv})")
     need(m.num_layers % p.pipeline == 0,
          f"config key 'parallel.pipeline': {p.pipeline} must divide model.num_layers={m.num_layers}")
+    for key in ("partition_activations", "offload_activations"):
+        need(not getattr(p, key) or p.activation_checkpointing == "full",
+             f"config key 'parallel.{key}': needs parallel.activation_checkpointing=full "
+             f"(got {p.activation_checkpointing})")
+        need(not getattr(p, key) or (m.hidden_dropout == 0 and m.attention_dropout == 0),
+             f"config key 'parallel.{key}': DeepSpeed's recompute does not replay megatron's dropout RNG: needs "
+             "model.hidden_dropout=0 and model.attention_dropout=0")
+    need(not p.partition_activations or not p.sequence_parallel,
+         "config key 'parallel.partition_activations': the layer inputs are already split under "
+         "parallel.sequence_parallel (use one or the other)")
     need(not p.sequence_parallel or p.tensor > 1,
          "config key 'parallel.sequence_parallel': needs parallel.tensor > 1")
     need(not p.sequence_parallel or m.seq_length % p.tensor == 0,
@@ -235,6 +246,8 @@ def check(cfg: Config) -> None:
     for i, s in enumerate(cfg.data.sources):
         need(s.path, f"config key 'data.sources[{i}].path': expected a path, got nothing")
         need(s.weight > 0, f"config key 'data.sources[{i}].weight': expected > 0, got {s.weight}")
+        need(math.isfinite(s.loss_weight) and s.loss_weight >= 0,
+             f"config key 'data.sources[{i}].loss_weight': expected a finite number >= 0, got {s.loss_weight}")
     held_out = cfg.data.validation_sets()
     names = [name for name, _ in held_out]
     for i, (name, path) in enumerate(held_out):

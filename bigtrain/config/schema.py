@@ -122,6 +122,12 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     """Recompute activations in backward: `selective` recomputes core attention only,
     `full` recomputes every transformer layer."""
+    partition_activations: bool = False
+    """With `full` checkpointing: keep each checkpointed layer input split across the tensor-parallel ranks
+    (DeepSpeed's activation checkpointing; gathered again for the recompute): 1/tensor of the memory."""
+    offload_activations: bool = False
+    """With `full` checkpointing: keep the checkpointed layer inputs in host memory (DeepSpeed's
+    `cpu_checkpointing`): none of them on the GPU, at the cost of copies each way."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = NCCL when a GPU is present, gloo otherwise."""
 
@@ -141,6 +147,10 @@ class DataSource:
     """Relative sampling weight of this source in the blend."""
     name: str = ""
     """Name shown in logs and in the checkpointed loader state (defaults to the path's basename)."""
+    loss_weight: float = 1.0
+    """Multi-task weight of this source's token losses: the step's loss is sum(weight x loss) / sum(weight) over
+    the trained tokens (0 trains nothing on this source; evaluation is unweighted). With several sources the
+    mean loss and trained tokens of each are logged as `train/loss/<name>` and `train/tokens/<name>`."""
 
 
 @dataclass
@@ -171,6 +181,10 @@ class DataConfig:
     read (each data-parallel rank counts the lanes it reads, over at least 1,000 members, so a few early bad
     ones don't stop a run; a shard lost mid-read counts the members its manifest says were left, as one where
     there is no manifest)."""
+    document_masking: bool = False
+    """Attention stays inside each document of a packed sample and RoPE positions restart at each document (a
+    document starts at a chat shard's DOC_START flag, or after an EOS in plain shards); a document's first token is
+    not predicted from the one before. For SFT on packed conversations, and pretraining with packed documents."""
     num_workers: int = 0
     """Background loader processes per rank (0 = read in the training process)."""
     stall_timeout: float = 60.0

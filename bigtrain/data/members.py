@@ -17,6 +17,7 @@ from ..errors import BigtrainError
 from .remote import ReadOptions, open_shard
 from .shards import member_digest
 from .sources import Source
+from .words import ID_MASK
 
 log = logging.getLogger("bigtrain.data")
 M64 = (1 << 64) - 1
@@ -201,7 +202,8 @@ class Cursor:
         if block.shape[1] != self.sample_len:
             raise BigtrainError(f"{url} member {name}: samples of {block.shape[1]} ids, expected model.seq_length + 1 "
                                 f"= {self.sample_len}")
-        if len(block) and np.iinfo(block.dtype).max >= self.vocab_size and (top := int(block.max())) >= self.vocab_size:
+        ids = block & ID_MASK if block.dtype.itemsize >= 4 else block  # token words: flags above the id bits
+        if len(block) and np.iinfo(block.dtype).max >= self.vocab_size and (top := int(ids.max())) >= self.vocab_size:
             raise BigtrainError(f"{url} member {name}: token id {top} >= model.vocab_size={self.vocab_size}")
         if not len(block):
             return False

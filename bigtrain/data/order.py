@@ -15,6 +15,7 @@ import numpy as np
 
 from .members import M64, Counters, Cursor
 from .sources import Source
+from .words import with_source
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -56,6 +57,7 @@ class Lane:
             rows = np.empty((n, parts[0][1].shape[1]), np.result_type(*[p.dtype for _, p in parts]))
             for mask, p in parts:
                 rows[mask] = p
+            rows = with_source(rows, d)  # each row's source index rides in its words (data/words.py)
         self.n += n
         return rows
 

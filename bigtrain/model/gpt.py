@@ -52,7 +52,9 @@ class SDPAttention(MegatronModule):
     (flash / cuDNN / memory-efficient kernels on GPU): causal, grouped-query, never materialises the
     score matrix. Inputs are megatron's [seq, batch, heads, head_dim]; output [seq, batch, heads*head_dim].
     Queries shorter than the keys (decoding from a KV cache: the new positions after the cached ones) see every
-    key up to their own position (the causal mask aligned bottom-right)."""
+    key up to their own position (the causal mask aligned bottom-right). An `attention_mask` [b, 1, s, s] (True =
+    may not attend, megatron's convention; documents packed in one sample, data/targets.py) replaces the causal
+    mask; on GPU SDPA then runs its memory-efficient fused kernel, which takes arbitrary masks."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None, **_):
@@ -68,17 +70,46 @@ class SDPAttention(MegatronModule):
         dropout = self.dropout if self.training else 0.0
         if dropout > 0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = self._attend(q, k, v, dropout)
+                out = self._attend(q, k, v, dropout, attention_mask)
         else:
-            out = self._attend(q, k, v, dropout)
+            out = self._attend(q, k, v, dropout, attention_mask)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _attend(self, q, k, v, dropout):
+    def _attend(self, q, k, v, dropout, blocked=None):
         sq, sk = q.shape[2], k.shape[2]
-        mask = None if sq == sk else torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        if blocked is not None:
+            mask = ~blocked
+        else:
+            mask = None if sq == sk else torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                               scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class GPT(GPTModel):
+    """megatron's GPTModel whose `position_ids` [b, s], when given, are the RoPE positions of the tokens (they
+    restart at each document of a packed sample under data.document_masking); None: 0..s-1 as usual."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._positions = None
+        rope = getattr(self, "rotary_pos_emb", None)
+        if rope is not None:
+            table = rope.forward  # [s, 1, 1, dim] for positions 0..s-1 (cached by megatron)
+
+            def forward(max_seq_len, *a, **kw):
+                emb = table(max_seq_len, *a, **kw)
+                if self._positions is None:
+                    return emb
+                return emb[:, 0, 0][self._positions].transpose(0, 1)[:, :, None]  # [s, b, 1, dim]
+            rope.forward = forward
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        self._positions = position_ids
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self._positions = None
 
 
 def _defer_init(weight):
@@ -142,14 +173,14 @@ def layer_spec(cfg: Config):
     return spec
 
 
-def build_model(cfg: Config) -> GPTModel:
+def build_model(cfg: Config) -> GPT:
     """This rank's pipeline stage of the GPT, initialised (see module docstring). Needs megatron's
     parallel_state initialised for cfg.parallel."""
     tcfg = transformer_config(cfg)
     spec = layer_spec(cfg)
     n_local = get_num_layers_to_build(tcfg)
     block = TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=RMSNorm)
-    model = GPTModel(
+    model = GPT(
         config=tcfg,
         transformer_layer_spec=block,
         vocab_size=padded_vocab(cfg.model),

@@ -12,7 +12,9 @@ with what it relies on. `check_version()` refuses a DeepSpeed outside `TESTED` w
 - the tensors AdamW keeps state for, each parameter's fp32 fragment, and relinking moments to parameters;
 - forgetting DeepSpeed's cached process groups and ZeRO-3's model stack (a new layout in the same process);
 - the tensors of the training state, reached through the optimizer's buffers (`bigtrain plan`'s figures are checked
-  against them).
+  against them);
+- megatron's layer recompute routed through DeepSpeed's activation checkpointing (partitioned across tensor-parallel
+  ranks, optionally kept in host memory): `route_recompute`.
 """
 from __future__ import annotations
 
@@ -232,3 +234,53 @@ def state_tensors(engine) -> dict[str, list[torch.Tensor]]:
                if isinstance(v, torch.Tensor) and v.numel() > 1]
     return {"parameters": [getattr(p, "ds_tensor", p) for p in params], "gradients": grads,
             "optimizer": masters + moments}
+
+
+class _TensorParallelMPU:
+    """The model-parallel unit DeepSpeed's activation checkpointing asks for: megatron's tensor-parallel group."""
+
+    @staticmethod
+    def get_model_parallel_rank():
+        from megatron.core import parallel_state as ps
+        return ps.get_tensor_model_parallel_rank()
+
+    @staticmethod
+    def get_model_parallel_world_size():
+        from megatron.core import parallel_state as ps
+        return ps.get_tensor_model_parallel_world_size()
+
+    @staticmethod
+    def get_model_parallel_group():
+        from megatron.core import parallel_state as ps
+        return ps.get_tensor_model_parallel_group()
+
+
+_MEGATRON_CHECKPOINT = None
+
+
+def route_recompute(partition: bool, offload: bool) -> None:
+    """megatron's full recompute (TransformerBlock calls `tensor_parallel.checkpoint(fn, distribute, *inputs)`)
+    through `deepspeed.checkpointing.checkpoint(fn, *inputs)`, configured to partition the saved inputs across the
+    tensor-parallel ranks and/or keep them on the host; both False: megatron's own again. Relies on
+    megatron.core.transformer.transformer_block looking `tensor_parallel.checkpoint` up at call time, and on
+    `deepspeed.checkpointing.configure`'s module-global settings (one setting per process: the model built last)."""
+    global _MEGATRON_CHECKPOINT
+    import types
+
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer import transformer_block
+    if _MEGATRON_CHECKPOINT is None:
+        _MEGATRON_CHECKPOINT = tensor_parallel
+    if not (partition or offload):
+        transformer_block.tensor_parallel = _MEGATRON_CHECKPOINT
+        return
+    import deepspeed
+    deepspeed.checkpointing.configure(_TensorParallelMPU, partition_activations=partition, checkpoint_in_cpu=offload,
+                                      contiguous_checkpointing=False, synchronize=False, profile=False)
+
+    def checkpoint(function, distribute_saved_activations, hidden_states, *args):
+        # only the layer input is an activation to split and move; the rest (masks, RoPE tables: no gradient) is
+        # bound as it is
+        return deepspeed.checkpointing.checkpoint(lambda h: function(h, *args), hidden_states)
+
+    transformer_block.tensor_parallel = types.SimpleNamespace(**{**vars(tensor_parallel), "checkpoint": checkpoint})

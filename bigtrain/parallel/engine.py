@@ -131,4 +131,5 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     if not fence.uses_zero_optimizer(engine):
         fence.install_fp32_clip(engine, _fp32_clip(engine, cfg))
     fence.step_gate(engine)
+    fence.route_recompute(cfg.parallel.partition_activations, cfg.parallel.offload_activations)
     return engine

@@ -29,7 +29,8 @@ Activations are an estimate (Korthikanti et al. 2022, "Reducing Activation Recom
 Models"): per layer and microbatch s*b*h*(34/t + 5*a*s/(h*t)) bytes in 16-bit with sequence parallelism,
 s*b*h*(10 + 24/t + 5*a*s/(h*t)) without; `selective` recompute drops the attention-score term 5*a*s/h, which
 SDPA's fused kernels never store either (model.attention=sdpa); `full` keeps each layer's input only (2*s*b*h,
-/t with sequence parallelism; plus one whole layer, recomputed in backward). fp32 doubles them. The first pipeline
+/t with sequence parallelism or parallel.partition_activations, none on the GPU with parallel.offload_activations;
+plus one whole layer, recomputed in backward). fp32 doubles them. The first pipeline
 stage holds min(PP, microbatches) microbatches in flight (1F1B); the last holds the fp32 logits of one microbatch
 (4*s*b*V/t).
 """
@@ -114,7 +115,10 @@ def activation_bytes(cfg: Config, tensor: int, pipeline: int, dp: int, stage: in
     base = 34 / t if sequence_parallel else 10 + 24 / t
     scores = 5 * a * s / (h * t) if p.activation_checkpointing == "none" and m.attention == "unfused" else 0
     whole_layer = sbh * (base + scores)
-    per_layer = 2 * sbh / (t if sequence_parallel else 1) if p.activation_checkpointing == "full" else whole_layer
+    per_layer = 2 * sbh / (t if sequence_parallel or p.partition_activations else 1) \
+        if p.activation_checkpointing == "full" else whole_layer
+    if p.activation_checkpointing == "full" and p.offload_activations:
+        per_layer = 0  # the checkpointed layer inputs live in host memory
     in_flight = min(pipeline - stage, microbatches(cfg, dp))
     total = per_layer * m.num_layers // pipeline * in_flight
     if p.activation_checkpointing == "full":
@@ -268,7 +272,9 @@ def report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int = 8) -
     return {
         "parameters": param_count(m), "parameters_padded_vocab": param_count(m, padded=True),
         "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "precision": cfg.train.precision,
-        "activation_checkpointing": cfg.parallel.activation_checkpointing,
+        "activation_checkpointing": cfg.parallel.activation_checkpointing + "".join(
+            f" + {k.split('_')[0]}ed" for k in ("partition_activations", "offload_activations")
+            if getattr(cfg.parallel, k)),
         "configured": {"layout": dataclasses.asdict(lay), "name": lay.name,
                        "refused": refusal(cfg, lay, gpus, gpus_per_node),
                        "layers_per_stage": m.num_layers // lay.pipeline,

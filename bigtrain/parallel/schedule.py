@@ -40,37 +40,54 @@ class _BackwardStart(torch.autograd.Function):
         return grad, None
 
 
-def _forward_step(engine, objective, data_iterator, model):
-    tokens = next(data_iterator)
+def _forward_step(engine, objective, n_sources, data_iterator, model):
+    mb = next(data_iterator)
     zero = engine is not None and uses_zero_optimizer(engine)
     call = engine if zero else model
     if objective is None:
-        out = call(tokens[:, :-1], None, None, labels=tokens[:, 1:])
+        out = call(mb.inputs, mb.positions, mb.attention_mask, labels=mb.labels)
     else:
-        out = objective(call, tokens)
+        out = objective(functools.partial(_with_documents, call, mb), mb.ids)
     if zero and out.requires_grad:
         out = _BackwardStart.apply(out, engine.optimizer)
 
     def loss_func(per_token_loss):
-        total = per_token_loss.float().sum()
-        count = torch.tensor(per_token_loss.numel(), dtype=torch.int, device=total.device)
-        return total, count, {"loss": torch.stack([total.detach(), count.float()])}
+        # this microbatch's share of sum(weight * loss) / (the step's global sum of weights): megatron divides by
+        # the microbatch count and DeepSpeed averages over data-parallel ranks, so divide by per_microbatch
+        losses = per_token_loss.float()
+        total = (losses * mb.weights).sum()
+        report = [total.detach(), mb.weights.sum()]
+        trained = (mb.weights > 0).float()
+        for i in range(n_sources if n_sources > 1 else 0):  # per source: mean loss over its trained tokens
+            on = trained * (mb.source == i).float()[:, None]
+            report += [(losses.detach() * on).sum(), on.sum()]
+        return total / mb.per_microbatch, {"loss": torch.stack(report)}
 
     return out, loss_func
 
 
+def _with_documents(call, mb, inputs, *_):
+    """`call(inputs, None, None)` of an objective, with this microbatch's document positions and mask."""
+    return call(inputs, mb.positions, mb.attention_mask)
+
+
 def forward_backward(engine, batch: torch.Tensor, cfg: Config, forward_only: bool = False,
-                     model: torch.nn.Module | None = None, objective=None):
-    """Run all microbatches of this rank's share of a global batch ([n, seq+1] token ids) through the
-    engine (megatron's schedule sees the bare module, the calls go through the engine so DeepSpeed's
-    hooks see every forward and backward). Returns the global mean token loss (same on every rank).
+                     model: torch.nn.Module | None = None, objective=None, per_source: list | None = None):
+    """Run all microbatches of this rank's share of a global batch ([n, seq+1] token words, data/words.py)
+    through the engine (megatron's schedule sees the bare module, the calls go through the engine so DeepSpeed's
+    hooks see every forward and backward). Returns the step's loss: the sum over trained tokens of weight x loss
+    divided by the global sum of their weights (data/targets.py; the same for any DP / PP / microbatch split),
+    on every rank.
     `engine=None, model=M, forward_only=True`: the same for a bare model (evaluation outside training).
-    `objective(call, tokens)`: the per-token loss [b, s] of a microbatch (tokens [b, s+1]; `call` runs the model
-    and returns its logits) in place of the model's own cross-entropy (distillation)."""
+    `objective(call, tokens)`: the per-token loss [b, s] of a microbatch (token ids [b, s+1]; `call` runs the model
+    and returns its logits) in place of the model's own cross-entropy (distillation).
+    `per_source`: a list filled with (mean loss or None, trained tokens) of each data source in the step (>1 source)."""
+    from ..data.targets import microbatches
     mb = cfg.train.micro_batch_size
-    micro = list(batch.split(mb))
+    micro = microbatches(batch, cfg, weighted=not forward_only)
+    n_sources = len(cfg.data.sources)
     losses = get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, engine, objective),
+        forward_step_func=functools.partial(_forward_step, engine, objective, n_sources),
         data_iterator=iter(micro),
         model=[model if model is not None else engine.module],
         num_microbatches=len(micro),
@@ -78,17 +95,21 @@ def forward_backward(engine, batch: torch.Tensor, cfg: Config, forward_only: boo
         micro_batch_size=mb,
         forward_only=forward_only,
     )
-    return _global_mean_loss(losses, batch.device)
+    acc = _global_sums(losses, batch.device, 2 + 2 * (n_sources if n_sources > 1 else 0))
+    if per_source is not None:
+        per_source[:] = [(float(acc[2 + 2 * i] / acc[3 + 2 * i]) if acc[3 + 2 * i] else None, int(acc[3 + 2 * i]))
+                         for i in range((len(acc) - 2) // 2)]
+    return (acc[0] / acc[1]).item() if acc[1] else 0.0
 
 
-def _global_mean_loss(losses: list[dict], device) -> float:
-    # [sum, count] from the last stage's TP rank 0 of every DP replica, zeros elsewhere; one all-reduce
-    acc = torch.zeros(2, dtype=torch.float64, device=device)
+def _global_sums(losses: list[dict], device, n: int) -> torch.Tensor:
+    # the reported sums from the last stage's TP rank 0 of every DP replica, zeros elsewhere; one all-reduce
+    acc = torch.zeros(n, dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         for d in losses:
             acc += d["loss"].to(acc)
     dist.all_reduce(acc)
-    return (acc[0] / acc[1]).item()
+    return acc
 
 
 def sync_tied_embedding_grads(model: torch.nn.Module, cfg: Config) -> None:
@@ -133,8 +154,10 @@ def forward_only(model: torch.nn.Module, tokens: torch.Tensor, collect, **model_
     """One forward pass of a bare model of any TP x PP layout over token ids [batch, seq] (no grad), through
     megatron's schedule: `collect(output)` of the last stage's output (logits [batch, seq, vocab / TP]) on the
     last pipeline stage's ranks, None on the others. `model_kwargs` go to the model (e.g. an inference context)."""
+    positions, mask = model_kwargs.pop("position_ids", None), model_kwargs.pop("attention_mask", None)
+
     def step(data_iterator, m):
-        out = m(next(data_iterator), None, None, **model_kwargs)
+        out = m(next(data_iterator), positions, mask, **model_kwargs)
         return out, lambda output, non_loss_data=False: collect(output)
 
     with torch.no_grad():
@@ -145,9 +168,11 @@ def forward_only(model: torch.nn.Module, tokens: torch.Tensor, collect, **model_
     return out[0] if ps.is_pipeline_last_stage() else None
 
 
-def logits(model: torch.nn.Module, tokens: torch.Tensor, cfg: Config) -> torch.Tensor | None:
+def logits(model: torch.nn.Module, tokens: torch.Tensor, cfg: Config, **documents) -> torch.Tensor | None:
     """Full-vocabulary logits [batch, seq, padded vocab] (fp32) of a bare model of any TP x PP layout for token
-    ids [batch, seq]: on the last pipeline stage's ranks; None on the others."""
+    ids [batch, seq]: on the last pipeline stage's ranks; None on the others. `documents`: position_ids and
+    attention_mask of packed documents (data/targets.py)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     model.eval()
-    return forward_only(model, tokens, lambda output: gather_from_tensor_model_parallel_region(output).float())
+    return forward_only(model, tokens, lambda output: gather_from_tensor_model_parallel_region(output).float(),
+                        **documents)

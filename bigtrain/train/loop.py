@@ -89,8 +89,9 @@ class Trainer:
         self.cfg, self.stop, self.extra_callbacks = cfg, stop, extra_callbacks
         self.step = 0                  # optimizer updates applied
         self.batch_index = -1          # global index of the batch being trained (every batch drawn counts)
-        self.batch = None              # this rank's share of it: token ids [global batch / DP, seq + 1]
+        self.batch = None              # this rank's share of it: token words [global batch / DP, seq + 1]
         self.skipped_steps = 0         # updates vetoed, over the life of the run
+        self.source_tokens = {}        # trained tokens per data source, over the life of the run (>1 source)
         self.stopping = False          # a stop signal was agreed at this step
         self.resumed = False
         self.objective = None          # the per-token loss of a microbatch, when a callback sets one (distillation)
@@ -242,7 +243,8 @@ class Trainer:
         set_lr(self.engine, lr)
         self.batch = batch = self._next_batch().to(self.device, non_blocking=True)
         data_seconds = time.perf_counter() - t0
-        loss = forward_backward(self.engine, batch, self.cfg, objective=self.objective)
+        per_source = []
+        loss = forward_backward(self.engine, batch, self.cfg, objective=self.objective, per_source=per_source)
         self._veto = ""
         applied, grad_norm = optimizer_step(self.engine, self.cfg, lambda norm: self._agree(loss, norm))
         if applied:
@@ -254,8 +256,19 @@ class Trainer:
                                reason=self._veto)
         return dict(step=self.step if applied else self.step + 1, batch=self.batch_index, loss=loss, lr=lr,
                     grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_seconds=time.perf_counter() - t0,
-                    data_seconds=data_seconds,
+                    data_seconds=data_seconds, **self._per_source(per_source, applied),
                     applied=applied, skip_reason=self._veto)
+
+    def _per_source(self, per_source: list, applied: bool) -> dict:
+        """train/loss/<source> (mean over its trained tokens this step), train/tokens/<source> (trained tokens so
+        far, in applied steps; kept in checkpoints)."""
+        out = {}
+        for src, (loss, tokens) in zip(self.data.sources, per_source):
+            if applied:
+                self.source_tokens[src.name] = self.source_tokens.get(src.name, 0) + tokens
+            out[f"train/loss/{src.name}"] = loss
+            out[f"train/tokens/{src.name}"] = self.source_tokens.get(src.name, 0)
+        return out
 
     def _agree(self, loss: float, grad_norm: float) -> bool:
         """Called once per step on every rank, just before the update: the step's one all-reduce."""
@@ -304,10 +317,12 @@ class Trainer:
         well = not (self._since_save["skipped"] or self._since_save["spikes"])
         return {"health": {"healthy": well, "loss": last.get("loss"), **{f"{k}_since_previous": v
                                                                            for k, v in self._since_save.items()}},
-                "trainer": {"skipped_steps": self.skipped_steps, "callbacks": self.callbacks.state_dict()}}
+                "trainer": {"skipped_steps": self.skipped_steps, "source_tokens": self.source_tokens,
+                            "callbacks": self.callbacks.state_dict()}}
 
     def _load_trainer_state(self, state: dict) -> None:
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.source_tokens = dict(state.get("source_tokens") or {})
         self.callbacks.load_state_dict(state.get("callbacks") or {})
 
     def _save(self, reason: str) -> float:

@@ -53,6 +53,27 @@ def test_activations_shrink_with_recompute():
     assert act("full") < act("selective") < act("none")
 
 
+def test_partitioned_and_offloaded_recompute_in_the_plan_and_their_config_checks():
+    from bigtrain.errors import BigtrainError
+    cfg = load_config(None, ["model.num_layers=8", "model.hidden_size=512", "model.num_attention_heads=8",
+                             "parallel.activation_checkpointing=full"])
+    full = activation_bytes(cfg, 4, 1, 1, 0, False)
+    cfg.parallel.partition_activations = True
+    part = activation_bytes(cfg, 4, 1, 1, 0, False)
+    cfg.parallel.offload_activations = True
+    off = activation_bytes(cfg, 4, 1, 1, 0, False)
+    m, b = cfg.model, cfg.train.micro_batch_size
+    sbh = m.seq_length * b * m.hidden_size  # 2 * sbh bytes per layer input in bf16
+    assert full - part == 2 * sbh * m.num_layers * 3 // 4 and part - off == 2 * sbh * m.num_layers // 4
+    for bad, message in ((["parallel.partition_activations=true"], "needs parallel.activation_checkpointing=full"),
+                         (["parallel.activation_checkpointing=full", "parallel.offload_activations=true",
+                           "model.hidden_dropout=0.1"], "does not replay megatron's dropout"),
+                         (["parallel.activation_checkpointing=full", "parallel.partition_activations=true",
+                           "parallel.tensor=2", "parallel.sequence_parallel=true"], "already split")):
+        with pytest.raises(BigtrainError, match=message):
+            load_config(None, bad)
+
+
 def test_layouts_are_ranked_and_refusals_give_reasons():
     cfg = load_config(None, [*TINY, "train.precision=bf16", "model.num_layers=6"])
     got = {c.layout.name: c for c in candidates(cfg, 4, gpu_mem_gib=80)}

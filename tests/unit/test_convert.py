@@ -128,9 +128,11 @@ def test_unsupported_models_are_refused_and_nothing_is_written(change, message, 
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 
 
-def test_smollm2_import_train_export(smollm2, smollm2_import, tmp_path):
-    """A real Llama checkpoint: import it, match transformers' logits, train a few steps on real text
-    tokenized with its own tokenizer, export, and reload the export with transformers."""
+def test_smollm2_import_sft_export(smollm2, smollm2_import, tmp_path):
+    """A real Llama checkpoint, the documented fine-tuning path: import it (match transformers' logits), build chat
+    shards of a small conversation set with its own chat template, fine-tune a few steps on the assistant tokens
+    with document masking, export, reload with transformers (same logits) and chat with it: apply_chat_template +
+    generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     imported = smollm2_import
     tok = AutoTokenizer.from_pretrained(os.path.join(smollm2, "tokenizer"))
@@ -140,19 +142,20 @@ def test_smollm2_import_train_export(smollm2, smollm2_import, tmp_path):
     assert (ours - ref).abs().max().item() <= 1e-4
     assert tok.decode(ours[0, -1].argmax()) == " Berlin"
 
-    # a few steps of continued pretraining on real text, tokenized by SmolLM2's own tokenizer.json
-    from bigtrain.data import write_shards
+    # SFT: chat shards rendered by SmolLM2's own chat template (the import carries its tokenizer), trained on the
+    # assistant tokens only, conversations packed with document masking
+    tokenizer = os.path.join(imported, "tokenizer.json")
     shards = str(tmp_path / "shards")
-    write_shards(os.path.join(smollm2, "tokenizer", "tokenizer.json"), [f"{helpers.STDLIB}/json/*.py"], shards, 128,
-                 samples_per_member=8, shard_samples=16, workers=1)
+    helpers.bigtrain("shards", "--format", "chat", "--tokenizer", tokenizer, "--input",
+                     os.path.join(helpers.TESTS, "data", "chat_small.jsonl"), "--output", shards, "--seq-len", "127",
+                     "--samples-per-member", "2", "--shard-samples", "4")
     run = str(tmp_path / "run")
     helpers.bigtrain("train", os.path.join(imported, "model.yaml"), f"run.dir={run}", f"checkpoint.load={imported}",
-                     "model.seq_length=128", "train.precision=fp32", "train.steps=3", "train.micro_batch_size=2",
-                     "train.global_batch_size=4", "train.lr=1e-5", "train.min_lr=1e-6", "train.warmup_steps=1", "data.lanes=4",
-                     f"data.tokenizer={os.path.join(smollm2, 'tokenizer', 'tokenizer.json')}",
-                     f"data.sources=[{{path: {shards}}}]")
+                     "model.seq_length=127", "train.precision=fp32", "train.steps=3", "train.micro_batch_size=2",
+                     "train.global_batch_size=4", "train.lr=1e-5", "train.min_lr=1e-6", "train.warmup_steps=1", "data.lanes=2",
+                     "data.document_masking=true", f"data.sources=[{{path: {shards}}}]")
     losses = helpers.losses(run)
-    assert len(losses) == 3 and all(0 < x < 5 for x in losses), losses  # a trained model, not a random one (ln 49152 = 10.8)
+    assert len(losses) == 3 and all(0 < x < 4 for x in losses), losses  # an instruct model on chat answers (ln 49152 = 10.8)
 
     exported = str(tmp_path / "exported")
     helpers.bigtrain("convert", "to-hf", run, exported)
@@ -160,7 +163,13 @@ def test_smollm2_import_train_export(smollm2, smollm2_import, tmp_path):
     with torch.no_grad():
         theirs = reloaded(tokens).logits
     assert (theirs - bigtrain_logits(run, tokens)).abs().max().item() <= 1e-4
-    assert AutoTokenizer.from_pretrained(exported).encode("def f(): pass") == tok.encode("def f(): pass")
+    chat_tok = AutoTokenizer.from_pretrained(exported)
+    assert chat_tok.encode("def f(): pass") == tok.encode("def f(): pass")
+    prompt = chat_tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                          add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = reloaded.generate(**prompt, max_new_tokens=8, do_sample=False)
+    answer = chat_tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
 
 
 def test_generate_on_smollm2_import_says_berlin(smollm2_import):
