@@ -1,8 +1,9 @@
 """SLURM on a real two-node cluster on this host (tools/slurm/start.sh --nodes 2: slurmctld, a slurmd per node,
 slurmdbd + MariaDB, munge),
-CPU, 2 tasks, no mocks: `bigtrain submit` through submitit (to completion, interrupted by a hang and then by
-`scontrol requeue`, interrupted by a real time limit), the plain sbatch templates, failures that must not requeue,
---dry-run, validation before queueing, and quoting of user values in the generated script.
+CPU, 2 tasks, no mocks: `bigtrain submit` through submitit (to completion; interrupted by a real time limit; on two
+nodes, interrupted by a killed rank, a hang, `scontrol requeue` and the time-limit signal), the plain sbatch templates
+(one node, and TP2 x DP2 on two), failures that must not requeue, --dry-run, validation before queueing, and quoting
+of user values in the generated script.
 
 The session fixture starts the cluster when it is not up (and stops it afterwards only then). Every job
 gets a fresh submitit folder: job ids restart at 1 when a cluster's state is wiped.
@@ -244,63 +245,6 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(reference, data, tmp
     assert rows[-1]["loss"] == helpers.read_metrics(reference["run_dir"])[-1]["loss"]
 
 
-def test_a_hang_then_a_preemption_each_requeue_and_the_run_ends_with_the_same_loss(reference, data, tmp_path):
-    """Two interruptions of one job, each followed by SLURM starting it again:
-    1. a hang: rank 1 sleeps inside step 151 of the job's first run (debug.faults, restart 0 only). Both ranks'
-       watchdogs give up after watchdog.step_timeout and dump their stacks, one of them requeues the job, and the
-       second run resumes from the step-100 checkpoint (its events name the hang);
-    2. `scontrol requeue` mid-run (what preemption with requeue does) in the second run: SIGTERM -> checkpoint at
-       the next step boundary -> exit 75 -> SLURM starts the job again (restart 2) -> resume from that checkpoint.
-    The final loss is the uninterrupted run's."""
-    run_dir = str(tmp_path / "run")
-    t0 = time.time()
-    hang = "debug.faults=[{kind: hang, batch: 150, rank: 1, value: 3600, restart: 0}]"
-    proc = submit("/dev/null", *overrides(data, run_dir, "watchdog.step_timeout=5", hang), *CPU2, "--time", "10",
-                  "--job-name", "bt-hang-requeue")
-    assert proc.returncode == 0, proc.stdout
-    job = job_id(proc.stdout)
-    folder = os.path.join(run_dir, "slurm")
-    deadline = time.time() + 300
-    while show_job(job).get("Restarts", "0") == "0" or not (
-            [e for e in events(run_dir) if e["event"] == "resume"] and len(helpers.read_metrics(run_dir)) >= 300):
-        state = live_state(job)
-        assert time.time() < deadline and not state.startswith(TERMINAL), (state, log_text(folder, job)[-5000:])
-        time.sleep(0.2)
-    t_requeue = time.time()
-    assert _run(["scontrol", "requeue", job]).returncode == 0
-    state = wait_done(job, timeout=400)
-    print(f"hang + scontrol requeue test: {time.time() - t0:.1f} s")
-    assert state == "COMPLETED", log_text(folder, job)[-5000:]
-    assert show_job(job).get("Restarts") == "2"
-    # 1. the hang
-    with open(os.path.join(run_dir, "hangs", "hangs.jsonl")) as f:
-        hangs = [json.loads(line) for line in f]
-    assert {h["rank"] for h in hangs} == {0, 1} and {h["step"] for h in hangs} == {150}, hangs
-    assert all(h["restart"] == 0 and h["job"] == job and h["phase"] == "step" for h in hangs), hangs
-    assert any(h["requeue"] for h in hangs)
-    for rank in (0, 1):
-        assert os.path.getsize(os.path.join(run_dir, "hangs", f"restart0-rank{rank}.txt")) > 0
-    logs = log_text(folder, job, 0) + log_text(folder, job, 1)
-    assert re.search(r"bigtrain: error: rank \d: hang: step took more than 5 s \(watchdog.step_timeout\) at step "
-                     r"150;", logs), logs[-5000:]
-    assert f"requeued job {job}; it resumes from its last checkpoint" in logs, logs[-5000:]
-    ev = events(run_dir)
-    resumed = [e for e in ev if e["event"] == "resume"]
-    assert [(e["restart"], e["step"]) for e in resumed][:1] == [(1, 100)], ev
-    hang_events = [e for e in ev if e["event"] == "hang"]
-    assert len(hang_events) == 1 and hang_events[0]["step"] == 150, ev
-    print(f"hang detected -> resumed training: {resumed[0]['time'] - max(h['time'] for h in hangs):.1f} s")
-    # 2. the preemption
-    stopped = [e for e in ev if e["event"] == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["reason"] == "SIGTERM" and 300 <= stopped[0]["step"] < STEPS, ev
-    assert len(resumed) == 2 and resumed[1]["restart"] == 2 and resumed[1]["step"] == stopped[0]["step"], ev
-    print(f"scontrol requeue -> resumed training: {resumed[1]['time'] - t_requeue:.1f} s "
-          f"(SLURM restarted the job after {slurm_restart_gap(job):.0f} s)")
-    rows = helpers.read_metrics(run_dir)
-    assert rows[-1]["step"] == STEPS
-    assert rows[-1]["loss"] == helpers.read_metrics(reference["run_dir"])[-1]["loss"]
-
-
 def _sbatch(template: str, folder: str, *args: str, options=()) -> str:
     # the templates ask for GPUs: command-line options override their #SBATCH lines for this CPU node
     cmd = ["sbatch", "--parsable", *options, "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=1G",
@@ -356,34 +300,37 @@ def _wait_for(job: str, folder: str, ready, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def test_submit_on_two_nodes_pp_across_nodes_survives_a_killed_rank_a_requeue_and_a_time_limit(
-        slurm_cluster, data, tmp_path):
-    """`bigtrain submit --nodes 2` on the two-node cluster, PP2 across the nodes (stage 0 on ranks 0-1 of the first
-    node, stage 1 on ranks 2-3 of the second) x DP2, one job interrupted three ways, each followed by a resume:
-    1. rank 2 (second node) is killed (SIGKILL, debug.faults kind `kill`, first run only) in step 151: the other
-       ranks' collectives fail, no rank left an error note, so one of them requeues the job (exit 124) and the
-       second run resumes from the step-100 checkpoint;
-    2. `scontrol requeue` mid-run (preemption): SIGTERM -> checkpoint -> restart 2 resumes there;
-    3. the time-limit signal (USR2, what --signal=USR2@N sends to the job's tasks) mid-run: checkpoint, rank 0
-       requeues -> restart 3 finishes.
+def test_submit_on_two_nodes_survives_a_killed_rank_a_hang_a_preemption_and_a_time_limit(slurm_cluster, data, tmp_path):
+    """`bigtrain submit --nodes 2` on the two-node cluster, PP2 across the nodes (stage 0 = rank 0 on the first node,
+    stage 1 = rank 1 on the second), one job interrupted four ways, each followed by SLURM starting it again:
+    1. rank 1 is killed (SIGKILL, debug.faults kind `kill`, first run only) in step 151: rank 0's collective fails,
+       rank 1 left no error note, so rank 0 calls it a lost rank, requeues the job (exit 124) and the second run
+       resumes from the step-100 checkpoint;
+    2. rank 1 sleeps inside step 171 of the second run (kind `hang`): both watchdogs give up after
+       watchdog.step_timeout and dump their stacks, one rank requeues, the third run resumes from step 100 again and
+       its events name the hang;
+    3. `scontrol requeue` mid-run (what preemption with requeue does): SIGTERM -> checkpoint at the next step
+       boundary -> restart 3 resumes there;
+    4. the time-limit signal (USR2, what submit's --signal=USR2@N sends to the job's tasks) mid-run: checkpoint, rank 0
+       requeues -> restart 4 finishes.
     Every step's loss (the last run of each step) equals, bit for bit, that of the same layout run uninterrupted
-    under torchrun (started beside the job); the first 50 steps equal one process's within
-    1e-5 (over hundreds of steps, the layouts' float rounding drifts further apart than that)."""
+    under torchrun (started beside the job); its first 50 steps equal one process's within 1e-5."""
     nodes = _run(["sinfo", "-h", "-N", "-o", "%N"]).stdout.split()
     assert len(set(nodes)) >= 2, f"the multi-node tests need `tools/slurm/start.sh --nodes 2` (nodes: {nodes})"
     run_dir, steps = str(tmp_path / "run"), 300
-    kill = "debug.faults=[{kind: kill, batch: 150, rank: 2, restart: 0}]"
+    faults = ("debug.faults=[{kind: kill, batch: 150, rank: 1, restart: 0}, "
+              "{kind: hang, batch: 170, rank: 1, value: 3600, restart: 1}]")
     common = [f"train.steps={steps}", "parallel.pipeline=2"]
     t0 = time.time()
     uninterrupted = str(tmp_path / "uninterrupted")
-    ref = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+    ref = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                             str(helpers.free_port()), "--no-python", "bigtrain", "train", os.devnull,
                             *helpers.tiny(data, uninterrupted, *common)], env=env(), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         proc = submit("/dev/null", *helpers.tiny(data, run_dir, *common, "checkpoint.interval=100", "checkpoint.keep=2",
-                                                 kill),
-                      "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--cpus-per-task", "1", "--time", "10",
+                                                 "watchdog.step_timeout=5", faults),
+                      "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--cpus-per-task", "1", "--time", "10",
                       "--job-name", "bt-two-nodes")
         assert proc.returncode == 0, proc.stdout
         job = job_id(proc.stdout)
@@ -396,40 +343,52 @@ def test_submit_on_two_nodes_pp_across_nodes_survives_a_killed_rank_a_requeue_an
             rows = helpers.read_metrics(run_dir) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
             return rows[-1]["step"] if rows else 0
 
-        # 1. the killed rank
-        _wait_for(job, folder, lambda: os.path.exists(os.path.join(run_dir, "events.jsonl")) and resumed(1)
-                  and last_step() >= 180)
+        # 1. the killed rank, 2. the hang: both resume at step 100
+        _wait_for(job, folder, lambda: os.path.exists(os.path.join(run_dir, "events.jsonl")) and resumed(2)
+                  and last_step() >= 150)
         t_preempt = time.time()
         assert _run(["scontrol", "requeue", job]).returncode == 0
-        # 2. the preemption, then 3. the time-limit signal
-        _wait_for(job, folder, lambda: resumed(2) and last_step() >= resumed(2)[0]["step"] + 20)
+        # 3. the preemption, then 4. the time-limit signal
+        _wait_for(job, folder, lambda: resumed(3) and last_step() >= resumed(3)[0]["step"] + 20)
         t_limit = time.time()
         assert _run(["scancel", "--signal=USR2", job]).returncode == 0
         state = wait_done(job, timeout=400)
-        print(f"two-node submit, kill -9 + scontrol requeue + time-limit signal: {time.time() - t0:.1f} s")
-        logs = "".join(log_text(folder, job, r) for r in range(4))
+        print(f"two-node submit, kill -9 + hang + scontrol requeue + time-limit signal: {time.time() - t0:.1f} s")
+        logs = log_text(folder, job, 0) + log_text(folder, job, 1)
         assert state == "COMPLETED", logs[-6000:]
-        assert show_job(job).get("Restarts") == "3"
-        assert re.search(r"rank 0/4 on 127\.0\.0\.2", log_text(folder, job, 0)), log_text(folder, job, 0)[:3000]
-        assert re.search(r"rank 2/4 on 127\.0\.0\.3", log_text(folder, job, 2)), log_text(folder, job, 2)[:3000]
-        # 1. the kill: the survivors found no error note, called it a lost rank and one of them requeued the job
+        assert show_job(job).get("Restarts") == "4"
+        assert re.search(r"rank 0/2 on 127\.0\.0\.2", log_text(folder, job, 0)), log_text(folder, job, 0)[:3000]
+        assert re.search(r"rank 1/2 on 127\.0\.0\.3", log_text(folder, job, 1)), log_text(folder, job, 1)[:3000]
         with open(os.path.join(run_dir, "hangs", "hangs.jsonl")) as f:
-            lost = [json.loads(line) for line in f]
-        assert lost and {h["kind"] for h in lost} == {"lost rank"} and {h["step"] for h in lost} == {150}, lost
-        assert 2 not in {h["rank"] for h in lost} and any(h["requeue"] for h in lost), lost
-        assert re.search(r"bigtrain: error: rank \d: lost rank: another rank is gone without an error of its own", logs)
+            records = [json.loads(line) for line in f]
+        lost = [h for h in records if h["restart"] == 0]
+        hangs = [h for h in records if h["restart"] == 1]
+        assert len(records) == len(lost) + len(hangs)
+        # 1. the kill: rank 0 found no error note, called it a lost rank and requeued the job
+        assert [(h["kind"], h["rank"], h["step"], h["requeue"]) for h in lost] == [("lost rank", 0, 150, True)], lost
+        assert "bigtrain: error: rank 0: lost rank: another rank is gone without an error of its own" in logs
+        # 2. the hang: both ranks' watchdogs, stacks of both, one requeue
+        assert {h["rank"] for h in hangs} == {0, 1} and {h["step"] for h in hangs} == {170}, hangs
+        assert all(h["kind"] == "hang" and h["job"] == job and h["phase"] == "step" for h in hangs), hangs
+        assert any(h["requeue"] for h in hangs)
+        for rank in (0, 1):
+            assert os.path.getsize(os.path.join(run_dir, "hangs", f"restart1-rank{rank}.txt")) > 0
+        assert re.search(r"bigtrain: error: rank \d: hang: step took more than 5 s \(watchdog.step_timeout\) at step "
+                         r"170;", logs), logs[-5000:]
         assert f"requeued job {job}; it resumes from its last checkpoint" in logs
         ev = events(run_dir)
-        assert [e["step"] for e in ev if e["event"] == "lost_rank"] == [150], ev
-        assert resumed(1)[0]["step"] == 100, ev
-        # 2. and 3.: a SIGTERM stop and a time-limit stop, each resumed where it stopped
+        assert [(e["event"], e["step"]) for e in ev if e["event"] in ("lost_rank", "hang")] == \
+            [("lost_rank", 150), ("hang", 170)], ev
+        assert resumed(1)[0]["step"] == 100 and resumed(2)[0]["step"] == 100, ev
+        # 3. and 4.: a SIGTERM stop and a time-limit stop, each resumed where it stopped
         stopped = [e for e in ev if e["event"] == "stopped"]
         assert [e["reason"] for e in stopped] == ["SIGTERM", "SIGUSR2"], ev
-        assert resumed(2)[0]["step"] == stopped[0]["step"] and resumed(3)[0]["step"] == stopped[1]["step"], ev
-        assert 150 < stopped[0]["step"] < stopped[1]["step"] < steps, ev
-        print(f"resumed: after the kill {resumed(1)[0]['time'] - max(h['time'] for h in lost):.1f} s, after scontrol "
-              f"requeue {resumed(2)[0]['time'] - t_preempt:.1f} s, after the time-limit signal "
-              f"{resumed(3)[0]['time'] - t_limit:.1f} s")
+        assert resumed(3)[0]["step"] == stopped[0]["step"] and resumed(4)[0]["step"] == stopped[1]["step"], ev
+        assert 150 <= stopped[0]["step"] < stopped[1]["step"] < steps, ev
+        print(f"resumed: after the kill {resumed(1)[0]['time'] - lost[0]['time']:.1f} s, after the hang "
+              f"{resumed(2)[0]['time'] - max(h['time'] for h in hangs):.1f} s, after scontrol requeue "
+              f"{resumed(3)[0]['time'] - t_preempt:.1f} s, after the time-limit signal "
+              f"{resumed(4)[0]['time'] - t_limit:.1f} s")
         got = {r["step"]: r["loss"] for r in helpers.read_metrics(run_dir)}
         assert sorted(got) == list(range(1, steps + 1))
         out = ref.communicate(timeout=300)[0]
