@@ -148,7 +148,8 @@ class Watchdog(Callback):
         earlier = [h for h in read_hangs(self.run_dir) if h.get("restart") == restart_count() - 1]
         if earlier:
             h = earlier[0]
-            trainer.metrics.event(h.get("kind", "hang").replace(" ", "_"), h.get("step", 0), phase=h.get("phase"), rank=h.get("rank"),
+            kind = h.get("kind", "hang").replace(" ", "_")  # hang, lost_rank
+            trainer.metrics.event(kind, h.get("step", 0), phase=h.get("phase"), rank=h.get("rank"),
                                   seconds=h.get("elapsed"), restart=h.get("restart"), dump=h.get("dump"))
 
     def before_step(self, trainer):

@@ -101,7 +101,8 @@ def test_weight_zero_on_a_source_gives_the_gradients_of_a_batch_without_it(data,
     g_weighted = grads(with_b, cfg)
     g_without = grads(rows[[0, 2]], cfg)
     assert torch.allclose(g_weighted, g_without, rtol=1e-5, atol=1e-7)
-    one = load_config(None, tiny(data, shared_dir, "parallel.tensor=2", two.replace("loss_weight: 0", "loss_weight: 1")))
+    one = load_config(None, tiny(data, shared_dir, "parallel.tensor=2",
+                                 two.replace("loss_weight: 0", "loss_weight: 1")))
     assert (grads(with_b, one) - g_without).abs().max() > 1e-4  # weight 1: B's tokens count (the test can fail)
 
 
