@@ -27,6 +27,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "xxhash>=3.0",   # checkpoint file and shard member checksums (xxh3)
+        "pyarrow>=14",        # .parquet inputs of `bigtrain shards` (bigtrain/data/inputs.py)
+        "zstandard>=0.22",    # .zst inputs of `bigtrain shards` (streamed)
         "urllib3>=2,<3",  # http(s):// shards (bigtrain/data/remote.py)
         "boto3>=1.28",    # s3:// shards; honours AWS_ENDPOINT_URL (botocore >= 1.31)
         "matplotlib>=3.8",  # `bigtrain plot` (Agg canvas, no display): plotting a run needs no extra

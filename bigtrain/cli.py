@@ -1,4 +1,4 @@
-"""`bigtrain` command line: train, config, plan, tokenizer, shards, submit, convert, eval, generate, plot, lm-eval.
+"""`bigtrain` command line: train, config, plan, tokenizer, shards, data, submit, convert, eval, generate, plot, lm-eval.
 
 Each subcommand parses its arguments here and calls one function of the package; user mistakes
 (`BigtrainError`) end as one `bigtrain: error: ...` line and exit status 2.
@@ -35,10 +35,20 @@ def _tokenizer_train(a):
 
 
 def _shards(a):
+    if a.format == "chat":
+        from .data.chat import write_chat_shards
+        write_chat_shards(a.tokenizer, a.input, a.output, a.seq_len, messages_key=a.text_key or "messages",
+                          too_long=a.too_long, samples_per_member=a.samples_per_member, shard_samples=a.shard_samples)
+        return
     from .data.shards import write_shards
-    write_shards(tokenizer=a.tokenizer, inputs=a.input, output=a.output, seq_len=a.seq_len, text_key=a.text_key,
-                 samples_per_member=a.samples_per_member, shard_samples=a.shard_samples, workers=a.workers,
-                 append_eos=not a.no_eos)
+    write_shards(tokenizer=a.tokenizer, inputs=a.input, output=a.output, seq_len=a.seq_len,
+                 text_key=a.text_key or "text", samples_per_member=a.samples_per_member,
+                 shard_samples=a.shard_samples, workers=a.workers, append_eos=not a.no_eos)
+
+
+def _data_show(a):
+    from .data.show import show
+    print(show(a.dir, a.samples, a.tokenizer, as_json=a.json))
 
 
 def _submit(a):
@@ -101,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
     tt = tok.add_parser("train", help="train a sentencepiece BPE tokenizer with byte fallback")
-    tt.add_argument("--input", nargs="+", required=True, help="text files (.txt, .jsonl, .gz; globs allowed)")
+    tt.add_argument("--input", nargs="+", required=True, help="text, .jsonl, .parquet files, .gz/.zst of text or "
+                    "jsonl (globs allowed; see `bigtrain shards --help`)")
     tt.add_argument("--vocab-size", type=int, required=True)
     tt.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     tt.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training")
@@ -109,15 +120,36 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shards", help="tokenize text into WebDataset shards of packed token sequences")
     s.add_argument("--tokenizer", required=True, help="sentencepiece .model or HF tokenizer.json")
-    s.add_argument("--input", nargs="+", required=True, help="text files (.txt, .jsonl, .gz; globs allowed)")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="files or globs ('**' recursive, 'exclude:PATTERN'): plain text (one document per file), "
+                   ".jsonl/.ndjson (one per line, field --text-key), .parquet (one per row, string column "
+                   "--text-key, read a row group at a time), and .gz or .zst/.zstd of text or jsonl")
     s.add_argument("--output", required=True, help="output directory (shards + manifest.json)")
     s.add_argument("--seq-len", type=int, required=True, help="training sequence length (samples hold seq_len+1 ids)")
-    s.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl inputs")
+    s.add_argument("--text-key", default=None, help="JSON field (.jsonl) or column (.parquet) holding the text "
+                   "(default text; with --format chat the list of messages, default messages)")
+    s.add_argument("--format", choices=("text", "chat"), default="text",
+                   help="text: documents joined with EOS; chat: .jsonl conversations {\"messages\": [{\"role\", "
+                   "\"content\"}, ...]} rendered with the chat template beside the tokenizer.json, only assistant "
+                   "tokens trained, packed whole and padded (see README, Chat fine-tuning data)")
+    s.add_argument("--too-long", choices=("drop", "truncate"), default="drop",
+                   help="--format chat: a conversation longer than seq_len + 1 tokens is dropped or truncated")
     s.add_argument("--samples-per-member", type=int, default=64, help="packed samples per tar member")
     s.add_argument("--shard-samples", type=int, default=8192, help="samples per shard")
     s.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
     s.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
     s.set_defaults(func=_shards)
+
+    dt = sub.add_parser("data", help="shard tools").add_subparsers(dest="data_command", required=True)
+    ds = dt.add_parser("show", help="decode the first samples of a shard directory, marking the tokens not "
+                                    "trained on ([[...]]) and document starts (⟂)")
+    ds.add_argument("dir", help="shard directory (with manifest.json)")
+    ds.add_argument("--samples", type=int, default=2, help="how many samples, in stored order (default 2)")
+    ds.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: the manifest's tokenizer "
+                                                      "file, found in DIR or beside it, sha256 checked)")
+    ds.add_argument("--json", action="store_true", help='one JSON object per sample: {"sample": i, "spans": '
+                    '[{"text", "trained", "doc_start"}]}')
+    ds.set_defaults(func=_data_show)
 
     sb = sub.add_parser("submit", help="submit a training run to SLURM through submitit")
     sb.add_argument("config")

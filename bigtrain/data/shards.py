@@ -23,13 +23,14 @@ import numpy as np
 
 from ..atomic import atomic_path, write_json
 from ..errors import BigtrainError
-from .tokenizer import expand_inputs, iter_documents, load_tokenizer
+from .inputs import init_worker, plan_tasks, run_task
+from .tokenizer import expand_inputs, load_tokenizer
+from .words import unpack
 
 MANIFEST = "manifest.json"
 FORMAT = "bigtrain-token-shards"
 VERSION = 1
 MEMBER_CHECKSUM = "xxh3_64"   # the digest in each member's `.npy.xxh3` companion (manifest key member_checksum)
-_CHUNK_CHARS = 1 << 20  # documents are sent to the tokenizer processes in chunks of about this much text
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -58,10 +59,12 @@ def file_sha256(path: str) -> str:
 
 class ShardWriter:
     """Packs token arrays into samples of seq_len + 1 ids and writes them as shards; `close()` writes the
-    manifest. Used by `write_shards` and by tools/bench_data.py (random tokens)."""
+    manifest. Used by `write_shards` and by tools/bench_data.py (random tokens). `token_flags=True`: uint32 token
+    words (bigtrain.data.words: ids with loss-mask and document flags), added as whole samples (data/chat.py)."""
 
     def __init__(self, output: str, seq_len: int, vocab_size: int, samples_per_member: int = 64,
-                 shard_samples: int = 8192, eos_id: int | None = None, tokenizer: dict | None = None):
+                 shard_samples: int = 8192, eos_id: int | None = None, tokenizer: dict | None = None,
+                 token_flags: bool = False):
         for key, v in (("--seq-len", seq_len), ("--samples-per-member", samples_per_member),
                        ("--shard-samples", shard_samples)):
             if v < 1:
@@ -71,12 +74,15 @@ class ShardWriter:
                                 "or delete it")
         os.makedirs(output, exist_ok=True)
         self.output, self.sample_len, self.spm, self.shard_samples = output, seq_len + 1, samples_per_member, shard_samples
-        self.dtype = token_dtype(vocab_size)
+        self.token_flags = token_flags  # uint32 token words (bigtrain.data.words) with loss-mask/document flags
+        self.dtype = np.dtype(np.uint32) if token_flags else token_dtype(vocab_size)
         self.manifest = dict(format=FORMAT, version=VERSION, seq_len=seq_len, dtype=self.dtype.name,
                              vocab_size=vocab_size, eos_id=eos_id, tokenizer=tokenizer or {"file": "", "sha256": ""},
                              samples_per_member=samples_per_member, shard_samples=shard_samples,
                              member_checksum=MEMBER_CHECKSUM, documents=0, samples=0, tokens=0, dropped_tokens=0,
                              shards=[])
+        if token_flags:
+            self.manifest["token_flags"] = True
         self._tail = np.zeros(0, self.dtype)  # tokens not yet in a whole sample
         self._pending, self._npending = [], 0  # whole samples not yet in a shard
         self._member = 0
@@ -113,7 +119,8 @@ class ShardWriter:
                     members += 1
         m = self.manifest
         m["shards"].append(dict(name=name, samples=len(samples), members=members, tokens=samples.size,
-                                max_token_id=int(samples.max()), sha256=file_sha256(path)))
+                                max_token_id=int((unpack(samples)[0] if self.token_flags else samples).max()),
+                                sha256=file_sha256(path)))
         m["samples"] += len(samples)
         m["tokens"] += samples.size
 
@@ -128,35 +135,11 @@ class ShardWriter:
 
 # ---------------------------------------------------------------------------------------------- tokenizing
 
-_tok = None
-
-
-def _init_worker(path: str) -> None:
-    global _tok
-    _tok = load_tokenizer(path)
-
-
-def _encode_chunk(args) -> tuple[np.ndarray, int]:
-    docs, eos = args
-    ids = []
-    for d in docs:
-        ids += _tok.encode(d)
-        if eos is not None:
-            ids.append(eos)
-    return np.array(ids, dtype=np.uint32), len(docs)
-
-
-def _chunks(files, text_key, eos):
-    docs, size = [], 0
-    for path in files:
-        for d in iter_documents(path, text_key):
-            docs.append(d)
-            size += len(d)
-            if size >= _CHUNK_CHARS:
-                yield docs, eos
-                docs, size = [], 0
-    if docs:
-        yield docs, eos
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _ordered_map(fn, items, workers: int, init, initargs):
@@ -178,7 +161,8 @@ def _ordered_map(fn, items, workers: int, init, initargs):
 def write_shards(tokenizer: str, inputs, output: str, seq_len: int, text_key: str = "text",
                  samples_per_member: int = 64, shard_samples: int = 8192, workers: int = 0,
                  append_eos: bool = True) -> dict:
-    """Tokenize `inputs` (files/globs: text, .jsonl, .gz) into WebDataset shards in `output`; returns the manifest."""
+    """Tokenize `inputs` (files/globs: text, .jsonl, .parquet, .gz/.zst of text or jsonl; see inputs.py) into
+    WebDataset shards in `output`; returns the manifest."""
     from tqdm import tqdm
 
     tok = load_tokenizer(tokenizer)
@@ -187,10 +171,11 @@ def write_shards(tokenizer: str, inputs, output: str, seq_len: int, text_key: st
         raise BigtrainError(f"tokenizer {tokenizer} has no EOS token to join documents with: pass --no-eos")
     writer = ShardWriter(output, seq_len, tok.vocab_size, samples_per_member, shard_samples, eos_id=tok.eos_id,
                          tokenizer=dict(file=os.path.basename(tokenizer), sha256=tok.sha256))
-    workers = workers or os.cpu_count() or 1
+    workers = workers or _cores()
+    init = (tokenizer, tok.eos_id if append_eos else None, writer.dtype.name, text_key)
     with tqdm(desc=f"tokenizing {len(files)} files", unit="doc", file=sys.stderr, mininterval=0.5) as bar:
-        for ids, ndocs in _ordered_map(_encode_chunk, _chunks(files, text_key, tok.eos_id if append_eos else None),
-                                       workers, _init_worker, (tokenizer,)):
+        for ids, ndocs in _ordered_map(run_task, plan_tasks(files, text_key, tok, workers), workers, init_worker,
+                                       init):
             writer.add(ids, ndocs)
             bar.update(ndocs)
             bar.set_postfix(shards=len(writer.manifest["shards"]), refresh=False)
