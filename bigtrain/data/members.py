@@ -202,9 +202,10 @@ class Cursor:
         if block.shape[1] != self.sample_len:
             raise BigtrainError(f"{url} member {name}: samples of {block.shape[1]} ids, expected model.seq_length + 1 "
                                 f"= {self.sample_len}")
-        ids = block & ID_MASK if block.dtype.itemsize >= 4 else block  # token words: flags above the id bits
-        if len(block) and np.iinfo(block.dtype).max >= self.vocab_size and (top := int(ids.max())) >= self.vocab_size:
-            raise BigtrainError(f"{url} member {name}: token id {top} >= model.vocab_size={self.vocab_size}")
+        if len(block) and np.iinfo(block.dtype).max >= self.vocab_size:
+            ids = block & ID_MASK if block.dtype.itemsize >= 4 else block  # token words: flags above the id bits
+            if (top := int(ids.max())) >= self.vocab_size:
+                raise BigtrainError(f"{url} member {name}: token id {top} >= model.vocab_size={self.vocab_size}")
         if not len(block):
             return False
         self.block = block

@@ -66,9 +66,8 @@ def find_tokenizer(directory: str, manifest: dict, given: str | None):
 
 def sample_spans(row: np.ndarray, eos_id: int | None, flags: bool) -> list[tuple[np.ndarray, bool, bool]]:
     """(ids, trained, doc_start) runs of one sample: a new run where the mask changes or a document starts."""
-    ids, trained, starts, _ = words.unpack(row)
-    if not flags:
-        trained, starts = np.ones(len(ids), bool), words.document_starts(ids, eos_id)
+    ids, trained, flagged, _ = words.unpack(row)
+    starts = words.document_starts(ids, eos_id, flagged if flags else None)
     cuts = np.flatnonzero(starts | np.r_[True, trained[1:] != trained[:-1]])
     return [(ids[a:b], bool(trained[a]), bool(starts[a])) for a, b in zip(cuts, np.r_[cuts[1:], len(ids)])]
 

@@ -8,8 +8,8 @@ denominator is summed over the data-parallel ranks before the forward pass, so t
 same for any DP / PP / microbatch split. With all weights 1 and every token trained (plain pretraining) this is
 the mean token loss, computed with the same operations as a plain mean.
 
-Documents: a token starts a document when its DOC_START flag is set (chat shards) or when it follows an EOS
-(plain shards: documents joined with EOS). Under document masking, attention stays inside a document and RoPE
+Documents: a token starts a document when its DOC_START flag is set (chat shards: only there) or, in a row
+without flags, when it follows an EOS (plain shards: documents joined with EOS). Under document masking, attention stays inside a document and RoPE
 positions restart at 0 at each document start.
 """
 from __future__ import annotations
@@ -72,8 +72,9 @@ def microbatches(batch: torch.Tensor, cfg, weighted: bool = True) -> list[Microb
     source = source[:, 0]
     masking = cfg.data.document_masking
     label_ok = trained[:, 1:]
-    starts = flagged | document_starts(ids, eos_of(cfg.data.tokenizer)) if masking else None
+    starts = None
     if masking:
+        starts = document_starts(ids, eos_of(cfg.data.tokenizer), flagged)
         label_ok = label_ok & ~starts[:, 1:]  # a document's first token is not predicted from the one before
     weights = label_ok.float()
     lw = [s.loss_weight for s in cfg.data.sources]

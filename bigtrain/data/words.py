@@ -53,15 +53,14 @@ def with_source(rows: np.ndarray, source: np.ndarray) -> np.ndarray:
     return rows.astype(np.int64, copy=False) | (np.asarray(source, np.int64)[:, None] << SOURCE_SHIFT)
 
 
-def has_flags(words) -> bool:
-    """Whether any word carries a flag or a source (a fast path for plain pretraining rows)."""
-    return bool((words > ID_MASK).any())
-
-
-def document_starts(ids, eos_id):
-    """DOC_START of plain (flag-less) rows [..., T]: the token after each EOS (a row's first token is not marked:
-    where its document began is not in the row)."""
-    starts = ids != ids  # all False, numpy or torch alike
+def document_starts(ids, eos_id, flagged=None):
+    """Where documents begin in rows [..., T] (numpy or torch alike). A row that carries DOC_START flags (`flagged`,
+    chat shards, whose EOS may end every turn) begins them exactly there; a row without (plain shards) at the token
+    after each EOS (its first token is not marked: where that document began is not in the row)."""
+    starts = ids != ids  # all False
     if eos_id is not None:
         starts[..., 1:] = ids[..., :-1] == eos_id
-    return starts
+    if flagged is None:
+        return starts
+    marked = flagged.any(-1)[..., None]
+    return (flagged & marked) | (starts & ~marked)

@@ -40,7 +40,7 @@ class _BackwardStart(torch.autograd.Function):
         return grad, None
 
 
-def _forward_step(engine, objective, n_sources, data_iterator, model):
+def _forward_step(engine, objective, tracked, data_iterator, model):
     mb = next(data_iterator)
     zero = engine is not None and uses_zero_optimizer(engine)
     call = engine if zero else model
@@ -58,7 +58,7 @@ def _forward_step(engine, objective, n_sources, data_iterator, model):
         total = (losses * mb.weights).sum()
         report = [total.detach(), mb.weights.sum()]
         trained = (mb.weights > 0).float()
-        for i in range(n_sources if n_sources > 1 else 0):  # per source: mean loss over its trained tokens
+        for i in range(tracked):  # per source: mean loss over its trained tokens
             on = trained * (mb.source == i).float()[:, None]
             report += [(losses.detach() * on).sum(), on.sum()]
         return total / mb.per_microbatch, {"loss": torch.stack(report)}
@@ -85,9 +85,9 @@ def forward_backward(engine, batch: torch.Tensor, cfg: Config, forward_only: boo
     from ..data.targets import microbatches
     mb = cfg.train.micro_batch_size
     micro = microbatches(batch, cfg, weighted=not forward_only)
-    n_sources = len(cfg.data.sources)
+    tracked = len(cfg.data.sources) if len(cfg.data.sources) > 1 else 0  # sources reported one by one
     losses = get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, engine, objective, n_sources),
+        forward_step_func=functools.partial(_forward_step, engine, objective, tracked),
         data_iterator=iter(micro),
         model=[model if model is not None else engine.module],
         num_microbatches=len(micro),
@@ -95,10 +95,10 @@ def forward_backward(engine, batch: torch.Tensor, cfg: Config, forward_only: boo
         micro_batch_size=mb,
         forward_only=forward_only,
     )
-    acc = _global_sums(losses, batch.device, 2 + 2 * (n_sources if n_sources > 1 else 0))
+    acc = _global_sums(losses, batch.device, 2 + 2 * tracked)
     if per_source is not None:
         per_source[:] = [(float(acc[2 + 2 * i] / acc[3 + 2 * i]) if acc[3 + 2 * i] else None, int(acc[3 + 2 * i]))
-                         for i in range((len(acc) - 2) // 2)]
+                         for i in range(tracked)]
     return (acc[0] / acc[1]).item() if acc[1] else 0.0
 
 

@@ -31,6 +31,11 @@ def test_document_positions_and_mask():
     assert allowed == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
                        [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
     assert document_starts(torch.tensor([[4, 2, 5, 2, 6]]), eos_id=2).tolist() == [[False, False, True, False, True]]
+    # a row with DOC_START flags (chat: EOS may end every turn) keeps exactly its flags; a row without uses EOS
+    ids = torch.tensor([[4, 2, 5, 2, 6], [4, 2, 5, 2, 6]])
+    flagged = torch.tensor([[True, False, False, False, False], [False] * 5])
+    assert document_starts(ids, 2, flagged).tolist() == [[True, False, False, False, False],
+                                                         [False, False, True, False, True]]
 
 
 def test_label_weights_masks_documents_and_loss_weights():
